@@ -1,0 +1,1 @@
+"""Numba CPU kernels (`njit`, `parallel=True` where it pays)."""
