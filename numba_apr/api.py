@@ -1,0 +1,171 @@
+"""The Python API other tools call: `load()` -> `Model`, and `load_tokenizer()`.
+
+A Model owns the parsed GGUF (memory-mapped), its Config, Weights, Tokenizer and one RunState.
+It remembers which tokens its KV cache holds, so a new prompt that extends the previous one
+(a chat turn) evaluates only the new tokens.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Iterator
+
+import numba
+import numpy as np
+
+from . import packaged
+from .arch import build_config
+from .chat import render_chat
+from .errors import NumbaAprError
+from .generate import GenerationStats, generate
+from .gguf_file import GGUFFile
+from .model import RunState, forward, load_weights
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEVICES = ("cpu",)
+N_BATCH = 512  # prompt tokens evaluated per forward pass (llama.cpp's default micro-batch)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        limit = numba.config.NUMBA_NUM_THREADS
+        if not 1 <= threads <= limit:
+            raise NumbaAprError(f"threads must be between 1 and {limit}, got {threads}")
+        numba.set_num_threads(threads)
+
+
+class Model:
+    """A loaded model. Use `numba_apr.load()` to make one."""
+
+    def __init__(self, path, n_ctx: int = 4096, threads: int | None = None,
+                 progress: Callable[[float, str], None] | None = None):
+        progress = progress or (lambda frac, what: None)
+        if not isinstance(n_ctx, int) or n_ctx < 1:
+            raise NumbaAprError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        set_threads(threads)
+        t0 = time.perf_counter()
+        progress(0.0, "reading GGUF")
+        self.path = str(path)
+        self.gguf = GGUFFile(path)
+        self.config = build_config(self.gguf)
+        progress(0.2, "reading vocabulary")
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        progress(0.4, "checking tensors")
+        self.weights = load_weights(self.gguf, self.config)
+        self.n_ctx = min(n_ctx, self.config.n_ctx_train)
+        self.state = RunState(self.config, self.n_ctx, min(N_BATCH, self.n_ctx))
+        self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1
+        self.n_past = 0
+        progress(0.5, "compiling kernels")
+        self._decode(self.tokenizer.bos_id or 0, pos=0)  # compiles (or loads from cache) every kernel
+        self.n_past = 0
+        self.load_seconds = time.perf_counter() - t0
+        progress(1.0, "ready")
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.detokenize(ids)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim != 1 or len(arr) == 0:
+            raise NumbaAprError("expected a non-empty list of token ids")
+        if arr.min() < 0 or arr.max() >= self.config.n_vocab:
+            bad = int(arr[(arr < 0) | (arr >= self.config.n_vocab)][0])
+            raise NumbaAprError(f"token id {bad} is out of range (vocabulary of {self.config.n_vocab})")
+        if len(arr) > self.n_ctx:
+            raise NumbaAprError(f"prompt of {len(arr)} tokens is longer than the context "
+                                f"({self.n_ctx} tokens; raise n_ctx / -c)")
+        return arr.astype(np.int32)
+
+    def _eval(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None) -> np.ndarray:
+        """Evaluate ids at positions pos0.. in batches; the KV cache then holds them."""
+        out = None
+        for i in range(0, len(ids), self.state.n_batch):
+            chunk = ids[i:i + self.state.n_batch]
+            rows = None if all_logits is None else all_logits[i:i + len(chunk)]
+            out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
+        self.tokens[pos0:pos0 + len(ids)] = ids
+        self.n_past = pos0 + len(ids)
+        return out
+
+    def _prefill(self, ids) -> np.ndarray:
+        """Evaluate a prompt, reusing the cached prefix it shares with what was evaluated before;
+        returns the next-token logits [1, n_vocab]."""
+        ids = self._check_ids(ids)
+        same = self.tokens[:min(self.n_past, len(ids))] == ids[:self.n_past]
+        keep = int(np.argmin(same)) if not same.all() else len(same)
+        keep = min(keep, len(ids) - 1)  # at least one token must be evaluated to get logits
+        return self._eval(ids[keep:], keep)
+
+    def _decode(self, token: int, pos: int | None = None) -> np.ndarray:
+        pos = self.n_past if pos is None else pos
+        one = self.state.token
+        one[0] = token
+        return self._eval(one, pos)
+
+    def _history(self) -> np.ndarray:
+        return self.tokens[:self.n_past]
+
+    def logits(self, ids, last: int | None = None) -> np.ndarray:
+        """Logits after every position of a fresh sequence: float32 [len(ids), n_vocab]
+        (llama.cpp's logits_all). With `last=n`, only the last n rows are computed and returned."""
+        ids = self._check_ids(ids)
+        n = len(ids) if last is None else max(1, min(int(last), len(ids)))
+        out = np.empty((n, self.config.n_vocab), np.float32)
+        if n < len(ids):
+            self._eval(ids[:len(ids) - n], 0)
+        self._eval(ids[len(ids) - n:], len(ids) - n, out)
+        return out
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 seed: int | None = None, stop=(), stats: GenerationStats | None = None,
+                 add_bos: bool = True) -> Iterator[str]:
+        """Stream the continuation of `prompt` (text, or a list of token ids) as text pieces.
+        Greedy at temperature 0."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_bos=add_bos, special=True)
+        else:
+            ids = list(prompt)
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise NumbaAprError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=seed)
+        self._check_ids(ids)
+        return generate(self, ids, max_tokens, params, stop, stats)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        piece = lambda i: "" if i is None else tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
+        return render_chat(messages, tok.chat_template, bos_token=piece(tok.bos_id),
+                           eos_token=piece(tok.eos_id), add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages, **kw) -> Iterator[str]:
+        """`generate` on the conversation rendered by the model's chat template. Templates that
+        write BOS themselves (gemma's) get no second one."""
+        text = self.chat_prompt(messages)
+        tok = self.tokenizer
+        bos = "" if tok.bos_id is None else tok.token_bytes(tok.bos_id).decode("utf-8", "replace")
+        return self.generate(text, add_bos=not (bos and text.startswith(bos)), **kw)
+
+
+def load(model: str | os.PathLike | None = None, device: str = "cpu", n_ctx: int = 4096,
+         threads: int | None = None, progress=None) -> Model:
+    """Load a GGUF file, or a packaged model by name (None: the default, gemma-3-270m)."""
+    if device not in DEVICES:
+        raise NumbaAprError(f"device '{device}' is not supported (available: {', '.join(DEVICES)})")
+    return Model(packaged.resolve(model), n_ctx=n_ctx, threads=threads, progress=progress)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of any GGUF file, vocab-only files included."""
+    return Tokenizer.from_gguf(GGUFFile(packaged.resolve(path)))

@@ -1,0 +1,116 @@
+"""Element-wise and row-wise CPU kernels of the transformer: RMSNorm, RoPE, bias, gated
+activations, residual add, embedding scale. Each has a float64 NumPy reference `<name>_ref`
+beside it (the tests' oracle).
+
+All kernels write into buffers the caller owns (the RunState), so the decode loop allocates
+nothing. Shapes are [rows, width] float32, C-contiguous; a row is one token (or one head of one
+token, for the per-head norms).
+"""
+import math
+
+import numpy as np
+
+from ..._numba import jit, pjit, prange
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@pjit
+def rmsnorm(out, x, w, eps):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w. `out` may be `x` (in place)."""
+    rows, n = x.shape
+    for r in prange(rows):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[r, i] = x[r, i] * inv * w[i]
+
+
+def rmsnorm_ref(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+
+
+@jit
+def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
+    """Rotary position embedding, in place, on x[T, n_heads * head_dim] at the given positions.
+
+    The first `rope_dim` dims of each head rotate by angle pos * base^(-2i/rope_dim). NeoX style
+    pairs dim i with i + rope_dim/2; the original (GPT-J / llama) style pairs 2i with 2i+1.
+    Angles are computed in float64 once per (token, pair) and shared by all heads.
+    """
+    half = rope_dim // 2
+    for t in range(x.shape[0]):
+        for i in range(half):
+            theta = positions[t] * base ** (-2.0 * i / rope_dim)
+            c, s = np.float32(math.cos(theta)), np.float32(math.sin(theta))
+            for h in range(n_heads):
+                o = h * head_dim
+                a, b = (o + i, o + i + half) if neox else (o + 2 * i, o + 2 * i + 1)
+                x0, x1 = x[t, a], x[t, b]
+                x[t, a] = x0 * c - x1 * s
+                x[t, b] = x0 * s + x1 * c
+
+
+def rope_ref(x, positions, n_heads, head_dim, rope_dim, base, neox):
+    x = x.astype(np.float64).reshape(x.shape[0], n_heads, head_dim).copy()
+    half = rope_dim // 2
+    inv = base ** (-2.0 * np.arange(half) / rope_dim)
+    ang = np.asarray(positions, np.float64)[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    if neox:
+        a, b = x[..., :half].copy(), x[..., half:rope_dim].copy()
+        x[..., :half], x[..., half:rope_dim] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[..., 0:rope_dim:2].copy(), x[..., 1:rope_dim:2].copy()
+        x[..., 0:rope_dim:2], x[..., 1:rope_dim:2] = a * c - b * s, a * s + b * c
+    return x.reshape(x.shape[0], -1)
+
+
+@jit
+def add_bias(x, b):
+    """x[r] += b, in place."""
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[r, i] += b[i]
+
+
+@pjit
+def add(x, y):
+    """x += y, in place (the residual connection)."""
+    for r in prange(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[r, i] += y[r, i]
+
+
+@jit
+def scale(x, s):
+    """x *= s, in place."""
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[r, i] *= np.float32(s)
+
+
+@pjit
+def gated_act(gate, up, gelu):
+    """gate = act(gate) * up, in place: SwiGLU (SiLU) or GeGLU (GELU, tanh approximation)."""
+    for r in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[r, i]
+            if gelu:
+                a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
+                    np.float32(GELU_C) * g * (np.float32(1.0) + np.float32(0.044715) * g * g)))
+            else:
+                a = g / (np.float32(1.0) + np.exp(-g))
+            gate[r, i] = a * up[r, i]
+
+
+def gated_act_ref(gate, up, gelu):
+    g, u = gate.astype(np.float64), up.astype(np.float64)
+    if gelu:
+        a = 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g ** 3)))
+    else:
+        a = g / (1.0 + np.exp(-g))
+    return a * u

@@ -1,0 +1,189 @@
+"""The transformer: `Weights` (views into the memory-mapped GGUF), `RunState` (every buffer,
+allocated once) and `forward`, which reads top to bottom like the paper.
+
+`forward` evaluates a batch of tokens at consecutive positions: the whole prompt chunk at once
+(each weight byte read once for the chunk) or one token while decoding. What differs between
+architectures is read from the `Config` (arch/); the arithmetic is done by the backend's kernels
+(kernels/cpu/), so another backend can run this same sequence of steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from . import quants
+from .arch import Config, tables
+from .errors import NumbaAprError
+from .gguf_file import GGUFFile, Tensor
+from .kernels.cpu import ops
+from .kernels.cpu.attention import attention
+from .kernels.cpu.matmul import get_rows, matmul
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray          # [n_embd] f32
+    wq: Tensor                     # [n_head*head_dim rows, n_embd]
+    wk: Tensor                     # [n_head_kv*head_dim, n_embd]
+    wv: Tensor                     # [n_head_kv*head_dim_v, n_embd]
+    wo: Tensor                     # [n_embd, n_head*head_dim_v]
+    ffn_norm: np.ndarray           # [n_embd]
+    w_gate: Tensor                 # [n_ff, n_embd]
+    w_up: Tensor                   # [n_ff, n_embd]
+    w_down: Tensor                 # [n_embd, n_ff]
+    bq: np.ndarray | None = None   # [n_head*head_dim]        (qwen2)
+    bk: np.ndarray | None = None   # [n_head_kv*head_dim]     (qwen2)
+    bv: np.ndarray | None = None   # [n_head_kv*head_dim_v]   (qwen2)
+    q_norm: np.ndarray | None = None          # [head_dim]    (gemma3)
+    k_norm: np.ndarray | None = None          # [head_dim]    (gemma3)
+    post_attn_norm: np.ndarray | None = None  # [n_embd]      (gemma3)
+    post_ffn_norm: np.ndarray | None = None   # [n_embd]      (gemma3)
+
+
+@dataclass
+class Weights:
+    token_embd: Tensor             # [n_vocab rows, n_embd]
+    output_norm: np.ndarray        # [n_embd]
+    output: Tensor                 # [n_vocab, n_embd]; token_embd itself when the embeddings are tied
+    layers: list[LayerWeights]
+
+
+def _vector(t: Tensor, n: int) -> np.ndarray:
+    """A norm weight or bias as a float32 vector: a view for F32, decoded once otherwise."""
+    if t.qtype == GGMLQuantizationType.F32:
+        v = t.raw.reshape(-1).view(np.float32)
+    else:
+        v = quants.dequantize(t.raw, t.qtype).reshape(-1)
+    if v.shape[0] != n:
+        raise NumbaAprError(f"tensor {t.name} has {v.shape[0]} values, expected {n}")
+    return v
+
+
+def _shapes(c: Config) -> dict:
+    """GGUF dims (row length, rows) each layer tensor must have under this Config."""
+    q, kv, vv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+    return dict(attn_norm=c.n_embd, wq=(c.n_embd, q), wk=(c.n_embd, kv), wv=(c.n_embd, vv),
+                wo=(c.n_head * c.head_dim_v, c.n_embd), ffn_norm=c.n_embd, w_gate=(c.n_embd, c.n_ff),
+                w_up=(c.n_embd, c.n_ff), w_down=(c.n_ff, c.n_embd), bq=q, bk=kv, bv=vv,
+                q_norm=c.head_dim, k_norm=c.head_dim, post_attn_norm=c.n_embd, post_ffn_norm=c.n_embd)
+
+
+def _matrix(t: Tensor, dims) -> Tensor:
+    quants.check_supported(t.qtype, t.name)
+    if tuple(t.dims) != tuple(dims):
+        raise NumbaAprError(f"tensor {t.name} has shape {list(t.dims)}, expected {list(dims)}")
+    return t
+
+
+def load_weights(g: GGUFFile, c: Config) -> Weights:
+    """Look up, type-check and shape-check every tensor the Config needs (views, no copies)."""
+
+    def tensor(name):
+        if name not in g.tensors:
+            raise NumbaAprError(f"{g.path}: tensor {name} is missing")
+        return g.tensors[name]
+
+    shapes = _shapes(c)
+    layers = []
+    for i in range(c.n_layer):
+        kw = {}
+        for field in c.layer_tensors:
+            t = tensor(tables.LAYER_TENSORS[field].format(i=i))
+            dims = shapes[field]
+            kw[field] = _matrix(t, dims) if isinstance(dims, tuple) else _vector(t, dims)
+        layers.append(LayerWeights(**kw))
+    embd = _matrix(tensor(tables.TOKEN_EMBD), (c.n_embd, c.n_vocab))
+    output = g.tensors.get(tables.OUTPUT)
+    output = embd if output is None else _matrix(output, (c.n_embd, c.n_vocab))
+    return Weights(embd, _vector(tensor(tables.OUTPUT_NORM), c.n_embd), output, layers)
+
+
+class RunState:
+    """Every activation buffer and the KV cache, allocated once for `n_ctx` positions and
+    batches of up to `n_batch` tokens. Views of the first T rows are what a step uses."""
+
+    def __init__(self, c: Config, n_ctx: int, n_batch: int):
+        B, f32 = n_batch, np.float32
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.x = np.zeros((B, c.n_embd), f32)                       # residual stream
+        self.xb = np.zeros((B, c.n_embd), f32)                      # normed input of a projection
+        self.q = np.zeros((B, c.n_head * c.head_dim), f32)          # queries
+        self.att = np.zeros((B, c.n_head * c.head_dim_v), f32)      # attention output (heads concatenated)
+        self.proj = np.zeros((B, c.n_embd), f32)                    # output of wo / w_down
+        self.gate = np.zeros((B, c.n_ff), f32)                      # ffn gate, then act(gate) * up
+        self.up = np.zeros((B, c.n_ff), f32)                        # ffn up
+        self.pos = np.zeros(B, np.int64)                            # positions of the batch
+        self.steps = np.arange(B, dtype=np.int64)                   # 0 .. B-1, to offset by pos0
+        self.token = np.zeros(1, np.int32)                          # the one token of a decode step
+        self.logits = np.zeros((1, c.n_vocab), f32)                 # next-token logits (last position)
+        # KV cache, written in place by the K/V projections: [layer, position, kv_head * dim].
+        self.k_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
+        self.v_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
+
+
+def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
+            all_logits: np.ndarray | None = None) -> np.ndarray:
+    """Run `tokens` (at positions pos0 .. pos0+T-1) through the model, filling the KV cache.
+
+    Returns the logits after the last token ([1, n_vocab], a RunState buffer), or, when
+    `all_logits` ([T, n_vocab]) is given, fills it with the logits after every token.
+    The caller guarantees 1 <= T <= n_batch, pos0 + T <= n_ctx and valid token ids.
+    """
+    T = len(tokens)
+    x, xb, q, att, proj, gate, up = (b[:T] for b in (s.x, s.xb, s.q, s.att, s.proj, s.gate, s.up))
+    pos = s.pos[:T]
+    np.add(s.steps[:T], pos0, out=pos)
+    gelu = c.act == "gelu"
+
+    get_rows(x, w.token_embd.raw, w.token_embd.qtype, tokens)
+    if c.embd_scale != 1.0:
+        ops.scale(x, c.embd_scale)
+
+    for l, (L, plan) in enumerate(zip(w.layers, c.layers)):
+        k = s.k_cache[l, pos0:pos0 + T]
+        v = s.v_cache[l, pos0:pos0 + T]
+
+        # Attention block.
+        ops.rmsnorm(xb, x, L.attn_norm, c.norm_eps)
+        matmul(q, xb, L.wq.raw, L.wq.qtype)
+        matmul(k, xb, L.wk.raw, L.wk.qtype)
+        matmul(v, xb, L.wv.raw, L.wv.qtype)
+        if L.bq is not None:
+            ops.add_bias(q, L.bq)
+            ops.add_bias(k, L.bk)
+            ops.add_bias(v, L.bv)
+        if L.q_norm is not None:
+            qh, kh = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)
+            ops.rmsnorm(qh, qh, L.q_norm, c.norm_eps)
+            ops.rmsnorm(kh, kh, L.k_norm, c.norm_eps)
+        ops.rope(q, pos, c.n_head, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
+        ops.rope(k, pos, c.n_head_kv, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
+        attention(att, q, s.k_cache[l], s.v_cache[l], pos0, c.n_head, c.n_head_kv,
+                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window)
+        matmul(proj, att, L.wo.raw, L.wo.qtype)
+        if L.post_attn_norm is not None:
+            ops.rmsnorm(proj, proj, L.post_attn_norm, c.norm_eps)
+        ops.add(x, proj)
+
+        # Feed-forward block.
+        ops.rmsnorm(xb, x, L.ffn_norm, c.norm_eps)
+        matmul(gate, xb, L.w_gate.raw, L.w_gate.qtype)
+        matmul(up, xb, L.w_up.raw, L.w_up.qtype)
+        ops.gated_act(gate, up, gelu)
+        matmul(proj, gate, L.w_down.raw, L.w_down.qtype)
+        if L.post_ffn_norm is not None:
+            ops.rmsnorm(proj, proj, L.post_ffn_norm, c.norm_eps)
+        ops.add(x, proj)
+
+    # Output head: only the rows whose logits are wanted.
+    if all_logits is None:
+        xb, out = xb[T - 1:T], s.logits
+        ops.rmsnorm(xb, x[T - 1:T], w.output_norm, c.norm_eps)
+    else:
+        out = all_logits
+        ops.rmsnorm(xb, x, w.output_norm, c.norm_eps)
+    matmul(out, xb, w.output.raw, w.output.qtype)
+    return out
+
