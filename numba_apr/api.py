@@ -140,6 +140,7 @@ class Model:
             stop = [stop]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, seed=seed)
+        params.validate()  # here, not inside the generator, so errors come before any output
         self._check_ids(ids)
         return generate(self, ids, max_tokens, params, stop, stats)
 

@@ -100,14 +100,20 @@ def _stream(pieces) -> None:
 
 
 def run(args) -> int:
-    from .api import load
+    from .api import DEVICES, load
     from .generate import GenerationStats
+    from .sampling import SamplingParams
 
     prompt = args.prompt if args.prompt is not None else args.prompt_pos
     if args.prompt is not None and args.prompt_pos is not None:
         raise NumbaAprError("give the prompt either as an argument or with -p, not both")
     if prompt is None and not args.chat:
         prompt = "Once upon a time"
+    # Check every flag before the (slow) load.
+    SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repeat_penalty=args.repeat_penalty).validate()
+    if args.device not in DEVICES:
+        raise NumbaAprError(f"device '{args.device}' is not supported (available: {', '.join(DEVICES)})")
     progress = _Progress()
     try:
         model = load(args.model, device=args.device, n_ctx=args.ctx_size, threads=args.threads,
