@@ -132,7 +132,8 @@ class _Cursor:
             if ln > size - pos:
                 self.pos = pos
                 self.fail(f"string of {ln} bytes runs past the end")
-            out[i] = bytes(buf[pos:pos + ln]).decode("utf-8", errors="replace")
+            # surrogateescape keeps a token's bytes that are not UTF-8 recoverable.
+            out[i] = bytes(buf[pos:pos + ln]).decode("utf-8", errors="surrogateescape")
             pos += ln
         self.pos = pos
         return out

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED, model_path
+
 from numba_apr.chat import render_chat, render_chatml
 from numba_apr.errors import NumbaAprError
 from numba_apr.gguf_file import GGUFFile
 
-QWEN_GGUF = Path("/work/shared/models/tiny-qwen2-q4km.gguf")
-CACHE_DIR = Path("/root/.cache/numba_apr")
-
-
-def cached_model(name: str) -> Path:
-    """A model file from the local model cache; the test is skipped only when it is absent."""
-    path = CACHE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"{name} is not in {CACHE_DIR}")
-    return path
+QWEN_GGUF = SHARED / "models" / "tiny-qwen2-q4km.gguf"
 
 
 def gguf_chat_info(path: Path):
@@ -110,7 +103,7 @@ def test_qwen_template():
 def test_qwen_template_against_golden_chatml_prompt():
     """The hand-written ChatML prompt in the golden set is what the fallback renders, and what the
     Qwen template renders after its default system turn."""
-    golden = json.loads(Path("/work/shared/golden/prompts.json").read_text(encoding="utf-8"))
+    golden = json.loads((SHARED / "golden" / "prompts.json").read_text(encoding="utf-8"))
     prompt = next(p for p in golden["generate"] if p.startswith("<|im_start|>user"))
     assert render_chat(USER, None) == prompt
     if QWEN_GGUF.is_file():
@@ -120,7 +113,7 @@ def test_qwen_template_against_golden_chatml_prompt():
 
 
 def test_smollm2_template():
-    template, bos, eos = gguf_chat_info(cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    template, bos, eos = gguf_chat_info(model_path("SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert template is not None
     assert (bos, eos) == ("<|im_start|>", "<|im_end|>")
     default_system = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
@@ -133,7 +126,7 @@ def test_smollm2_template():
 
 
 def test_gemma3_template():
-    template, bos, eos = gguf_chat_info(cached_model("gemma-3-270m-q4_k_m.gguf"))
+    template, bos, eos = gguf_chat_info(model_path("gemma-3-270m-q4_k_m.gguf"))
     assert (bos, eos) == ("<bos>", "<eos>")
     template = template or GEMMA3_TEMPLATE
     # bos_token first; the system text is folded into the first user turn; contents trimmed;
