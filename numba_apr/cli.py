@@ -73,6 +73,8 @@ class _Progress:
         self.shown = True
 
     def _run(self):
+        if not sys.stderr.isatty():  # a log file gets no carriage-return animation
+            return
         while not self.done.wait(0.2):
             if time.perf_counter() - self.t0 > 1.0:
                 self._draw()

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""llama-bench's two measures for numba_apr, optionally side by side with llama.cpp.
+
+    python scripts/bench.py MODEL.gguf -p 128 -n 64 -r 3 [--llama-bench PATH/llama-bench]
+
+`pp N`: a prompt of N random tokens evaluated as one batch on an empty context (tok/s).
+`tg N`: N tokens decoded one at a time after a one-token context (tok/s), like llama-bench.
+With --llama-bench, llama.cpp runs on the same file with the same thread count, one repetition
+of each engine in turn (interleaved, so both see the same machine state), and the table
+gives the ratio. Also printed: load time, peak RSS, and decode as GB/s of weights streamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def ours_once(model, n_prompt, n_gen, rng):
+    out = {}
+    if n_prompt:
+        ids = rng.integers(0, model.config.n_vocab, n_prompt).astype(np.int32)
+        t = time.perf_counter()
+        model._eval(ids, 0)
+        out["pp"] = n_prompt / (time.perf_counter() - t)
+    if n_gen:
+        model._eval(np.array([model.tokenizer.bos_id or 0], np.int32), 0)
+        toks = rng.integers(0, model.config.n_vocab, n_gen)
+        t = time.perf_counter()
+        for tok in toks:
+            model._decode(int(tok))
+        out["tg"] = n_gen / (time.perf_counter() - t)
+    return out
+
+
+def llama_once(exe, path, n_prompt, n_gen, threads):
+    res = {}
+    for kind, n in (("pp", n_prompt), ("tg", n_gen)):
+        if not n:
+            continue
+        args = [exe, "-m", str(path), "-t", str(threads), "-r", "1", "-o", "json",
+                "-p", str(n if kind == "pp" else 0), "-n", str(n if kind == "tg" else 0)]
+        r = subprocess.run(args, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"error: llama-bench failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        res[kind] = json.loads(r.stdout)[0]["avg_ts"]
+    return res
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads (every matrix once; one embedding row)."""
+    w = model.weights
+    n = sum(t.raw.nbytes for L in w.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
+    return n + w.output.raw.nbytes
+
+
+def fmt(xs):
+    return f"{statistics.mean(xs):8.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:5.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("-p", "--n-prompt", type=int, default=128)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
+    a = ap.parse_args()
+
+    import numba_apr
+    from numba_apr.packaged import resolve
+
+    path = resolve(a.model)
+    t = time.perf_counter()
+    model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    ours_once(model, min(a.n_prompt, 8), 2, rng)  # warm-up
+    ours, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
+    for _ in range(a.repetitions):
+        for k, v in ours_once(model, a.n_prompt, a.n_gen, rng).items():
+            ours[k].append(v)
+        if a.llama_bench:
+            for k, v in llama_once(a.llama_bench, path, a.n_prompt, a.n_gen, a.threads).items():
+                theirs[k].append(v)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gb = weight_bytes(model) / 1e9
+    print(f"model {os.path.basename(path)}  ({os.path.getsize(path) / 2**20:.0f} MiB, "
+          f"{gb:.3f} GB of weights per decode step), threads {a.threads}")
+    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB")
+    head = f"{'test':>8} | {'numba_apr tok/s':>17}"
+    if a.llama_bench:
+        head += f" | {'llama.cpp tok/s':>17} | ratio"
+    print(head)
+    for k, n in (("pp", a.n_prompt), ("tg", a.n_gen)):
+        if not ours[k]:
+            continue
+        line = f"{k}{n:>6} | {fmt(ours[k])}"
+        if theirs[k]:
+            line += f" | {fmt(theirs[k])} | {statistics.mean(ours[k]) / statistics.mean(theirs[k]):.2f}x"
+        if k == "tg":
+            line += f"   ({statistics.mean(ours[k]) * gb:.1f} GB/s of weights)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
