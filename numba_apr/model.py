@@ -19,7 +19,7 @@ from .errors import NumbaAprError
 from .gguf_file import GGUFFile, Tensor
 from .kernels.cpu import ops
 from .kernels.cpu.attention import attention
-from .kernels.cpu.matmul import get_rows, matmul
+from .kernels.cpu.matmul import ActScratch, get_rows, matmul
 
 
 @dataclass
@@ -118,6 +118,8 @@ class RunState:
         self.steps = np.arange(B, dtype=np.int64)                   # 0 .. B-1, to offset by pos0
         self.token = np.zeros(1, np.int32)                          # the one token of a decode step
         self.logits = np.zeros((1, c.n_vocab), f32)                 # next-token logits (last position)
+        # Activations quantized as llama.cpp does before each quantized product: [B, widest input].
+        self.act = ActScratch(B, max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v))
         # KV cache, written in place by the K/V projections: [layer, position, kv_head * dim].
         self.k_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
         self.v_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
@@ -137,6 +139,9 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     np.add(s.steps[:T], pos0, out=pos)
     gelu = c.act == "gelu"
 
+    def linear(out, inp, t: Tensor):  # out = inp @ W.T
+        matmul(out, inp, t.raw, t.qtype, s.act)
+
     get_rows(x, w.token_embd.raw, w.token_embd.qtype, tokens)
     if c.embd_scale != 1.0:
         ops.scale(x, c.embd_scale)
@@ -147,9 +152,9 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
 
         # Attention block.
         ops.rmsnorm(xb, x, L.attn_norm, c.norm_eps)
-        matmul(q, xb, L.wq.raw, L.wq.qtype)
-        matmul(k, xb, L.wk.raw, L.wk.qtype)
-        matmul(v, xb, L.wv.raw, L.wv.qtype)
+        linear(q, xb, L.wq)
+        linear(k, xb, L.wk)
+        linear(v, xb, L.wv)
         if L.bq is not None:
             ops.add_bias(q, L.bq)
             ops.add_bias(k, L.bk)
@@ -162,17 +167,17 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
         ops.rope(k, pos, c.n_head_kv, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
         attention(att, q, s.k_cache[l], s.v_cache[l], pos0, c.n_head, c.n_head_kv,
                   c.head_dim, c.head_dim_v, c.attn_scale, plan.window)
-        matmul(proj, att, L.wo.raw, L.wo.qtype)
+        linear(proj, att, L.wo)
         if L.post_attn_norm is not None:
             ops.rmsnorm(proj, proj, L.post_attn_norm, c.norm_eps)
         ops.add(x, proj)
 
         # Feed-forward block.
         ops.rmsnorm(xb, x, L.ffn_norm, c.norm_eps)
-        matmul(gate, xb, L.w_gate.raw, L.w_gate.qtype)
-        matmul(up, xb, L.w_up.raw, L.w_up.qtype)
+        linear(gate, xb, L.w_gate)
+        linear(up, xb, L.w_up)
         ops.gated_act(gate, up, gelu)
-        matmul(proj, gate, L.w_down.raw, L.w_down.qtype)
+        linear(proj, gate, L.w_down)
         if L.post_ffn_norm is not None:
             ops.rmsnorm(proj, proj, L.post_ffn_norm, c.norm_eps)
         ops.add(x, proj)
@@ -184,6 +189,6 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     else:
         out = all_logits
         ops.rmsnorm(xb, x, w.output_norm, c.norm_eps)
-    matmul(out, xb, w.output.raw, w.output.qtype)
+    linear(out, xb, w.output)
     return out
 

@@ -127,3 +127,21 @@ def test_get_rows_rejects_bad_arguments(rng):
         mm.get_rows(np.zeros((2, 16), np.float32), w, Q.Q4_0, [0, 1])
     with pytest.raises(ValueError):
         mm.get_rows(np.zeros((3, 32), np.float32), w, Q.Q4_0, [0, 1])
+
+
+@pytest.mark.parametrize("scheme", [mm.ACT_Q8_0, mm.ACT_Q8_1, mm.ACT_Q8_K])
+def test_quantize_act_matches_llama_cpp_rule(scheme):
+    """Activation quantization (llama.cpp's Q8_0 / Q8_1 / Q8_K) against its plain reference,
+    including all-zero blocks and values that sit exactly on a rounding tie."""
+    rng = np.random.default_rng()
+    T, K = 5, 512
+    x = (rng.standard_normal((T, K)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
+    x[1, :256] = 0.0
+    x[2, :32] = np.float32(127.0) * np.arange(32) / 2  # amax 1968.5: ties at x*127/amax
+    xq = np.empty_like(x)
+    corr = np.empty((T, K // 32), np.float32)
+    mm.quantize_act(xq, corr, x, scheme)
+    want, want_corr = mm.quantize_act_ref(x, scheme)
+    np.testing.assert_allclose(xq, want, rtol=1e-6, atol=0)
+    if scheme == mm.ACT_Q8_1:
+        np.testing.assert_allclose(corr, want_corr, rtol=1e-5, atol=1e-6 * np.abs(want_corr).max())

@@ -9,14 +9,17 @@ prompt length in prefill).
 float32 scratch (`tile_rows` x K, reused across tiles) and dots it against every token row, so
 prefill reads and decodes each weight byte once for the whole batch, and nothing the size of
 N x K is ever allocated. The dots are float32 with fastmath reassociation so that LLVM turns
-each one into vector FMAs over K; several rows x several tokens are done per pass over K so
-every vector load feeds more than one FMA. (An integer dot over the packed blocks, without the
-float decode, is a later optimisation.)
+each one into vector FMAs over K, one (token, row) pair at a time through the same code, so a
+token's result never depends on the batch it came in. Activations are first quantized to 8
+bits exactly as llama.cpp does (see ACT_SCHEME). (Integer dots over repacked blocks, without
+the float decode, are the fast path still to come.)
 
 Each kernel has a float64 NumPy reference (`*_ref`) built on gguf-py's decoder: the tests' oracle.
 Numba kernels have no bounds checks, so the Python wrappers validate shapes and dtypes first.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -24,80 +27,19 @@ from gguf import quants as gguf_quants
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
-from ...quants import decode_row, quant_type
+from ...quants import _f16, decode_row, quant_type
 
-#: Rows per dot micro-kernel, and the smallest tile of weight rows (see `tile_rows`).
+#: The smallest tile of weight rows (see `tile_rows`).
 TILE = 4
-#: Tokens per pass of the dot micro-kernel.
-TOK = 4
 
 
 # ---------------------------------------------------------------------------------------------
-# Dot micro-kernels over a decoded tile `s` [TILE, K] and activations `x` [T, K]. Each keeps one
-# accumulator per (token, row) pair; LLVM vectorises the k loop into one vector register per
-# accumulator, so a pass loads TOK + TILE vectors and issues TOK * TILE FMAs.
-
-
-@jit
-def _dot_4x4(out, x, s, t, n0, K):
-    """out[t:t+4, n0:n0+4] = x[t:t+4] . s[0:4]"""
-    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-    w0, w1, w2, w3 = s[0], s[1], s[2], s[3]
-    a00 = a01 = a02 = a03 = np.float32(0.0)
-    a10 = a11 = a12 = a13 = np.float32(0.0)
-    a20 = a21 = a22 = a23 = np.float32(0.0)
-    a30 = a31 = a32 = a33 = np.float32(0.0)
-    for k in range(K):
-        v0, v1, v2, v3 = w0[k], w1[k], w2[k], w3[k]
-        u = x0[k]
-        a00 += u * v0
-        a01 += u * v1
-        a02 += u * v2
-        a03 += u * v3
-        u = x1[k]
-        a10 += u * v0
-        a11 += u * v1
-        a12 += u * v2
-        a13 += u * v3
-        u = x2[k]
-        a20 += u * v0
-        a21 += u * v1
-        a22 += u * v2
-        a23 += u * v3
-        u = x3[k]
-        a30 += u * v0
-        a31 += u * v1
-        a32 += u * v2
-        a33 += u * v3
-    o = out[t]
-    o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3] = a00, a01, a02, a03
-    o = out[t + 1]
-    o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3] = a10, a11, a12, a13
-    o = out[t + 2]
-    o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3] = a20, a21, a22, a23
-    o = out[t + 3]
-    o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3] = a30, a31, a32, a33
-
-
-@jit
-def _dot_1x4(out, x, s, t, n0, K):
-    """out[t, n0:n0+4] = x[t] . s[0:4]  (decode: T = 1, and prefill's leftover tokens)"""
-    x0 = x[t]
-    w0, w1, w2, w3 = s[0], s[1], s[2], s[3]
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    for k in range(K):
-        u = x0[k]
-        a0 += u * w0[k]
-        a1 += u * w1[k]
-        a2 += u * w2[k]
-        a3 += u * w3[k]
-    o = out[t]
-    o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3] = a0, a1, a2, a3
+# The dot of one activation row with one decoded weight row.
 
 
 @jit
 def _dot_1x1(x0, w0, K):
-    """x0 . w0 (the last rows of a matrix whose N is not a multiple of TILE)"""
+    """x0 . w0"""
     a = np.float32(0.0)
     for k in range(K):
         a += x0[k] * w0[k]
@@ -106,27 +48,112 @@ def _dot_1x1(x0, w0, K):
 
 @jit
 def _dot_tile(out, x, s, n0, nr, K):
-    """out[:, n0:n0+nr] = x . s[0:nr]: 4 tokens x 4 rows at a time, then the leftovers.
+    """out[:, n0:n0+nr] = x . s[0:nr], one (token, row) dot at a time through the same code.
 
-    Token groups are the outer loop so a group's 4 activation rows stay in L1 while every row
-    group of the tile streams past them."""
+    Every dot takes the same path whatever T is, so a token's result does not depend on how
+    many tokens share the call: decoding one token gives bit for bit what the prompt batch gave
+    (llama.cpp has the same property, and with 8-bit activations a last-bit difference can flip
+    a rounding and grow). Register blocking over several tokens and rows would sum in another
+    order; it comes back with integer dots, whose sums do not depend on the order."""
     T = x.shape[0]
-    nr4 = nr - nr % 4
-    t = 0
-    while t + TOK <= T:
-        for r in range(0, nr4, 4):
-            _dot_4x4(out, x, s[r:r + 4], t, n0 + r, K)
-        t += TOK
-    for t in range(t, T):
-        for r in range(0, nr4, 4):
-            _dot_1x4(out, x, s[r:r + 4], t, n0 + r, K)
     for t in range(T):
-        for r in range(nr4, nr):
+        for r in range(nr):
             out[t, n0 + r] = _dot_1x1(x[t], s[r], K)
 
 
+# ---------------------------------------------------------------------------------------------
+# Activations as llama.cpp's CPU backend sees them. Before a quantized product it quantizes the
+# activations to 8 bits (its `vec_dot_type`): Q8_0 per 32 (for Q4_0, Q5_0, Q8_0 weights), Q8_1
+# per 32 with the block sum kept as f16 (Q4_1, Q5_1), Q8_K per 256 (Q4_K, Q5_K, Q6_K). Real
+# models amplify such small differences: on SmolLM2 the logits of an exact float product and of
+# llama.cpp differ by up to ~0.9. So we quantize the same way and multiply the dequantized
+# values (exact small integers times the same scales), which reproduces llama.cpp's arithmetic
+# up to float32 rounding. F16/BF16/F32 weights take the activations as they are.
+
+ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3
+_Q = GGMLQuantizationType
+ACT_SCHEME = {_Q.Q8_0: ACT_Q8_0, _Q.Q4_0: ACT_Q8_0, _Q.Q5_0: ACT_Q8_0, _Q.Q4_1: ACT_Q8_1,
+              _Q.Q5_1: ACT_Q8_1, _Q.Q4_K: ACT_Q8_K, _Q.Q5_K: ACT_Q8_K, _Q.Q6_K: ACT_Q8_K}
+
+
+@jit(inline="always")
+def _rint(v):
+    """Round half to even (x86's _MM_ROUND_NEAREST and ggml's nearest_int)."""
+    r = np.floor(v + 0.5)
+    if r - v == 0.5 and r % 2.0 != 0.0:
+        r -= 1.0
+    return r
+
+
+@jit(inline="always")
+def _to_f16(v):
+    """float32 rounded to the nearest float16 value (kept as float32)."""
+    if v == 0.0:
+        return np.float32(0.0)
+    m, e = math.frexp(v)
+    step = math.ldexp(1.0, max(e, -13) - 11)  # 11 significant bits; subnormal step 2^-24
+    return np.float32(_rint(v / step) * step)
+
+
 @pjit
-def _matmul_kernel(out, x, w, qtype, tile, n_threads):
+def quantize_act(xq, corr, x, scheme):
+    """xq = x quantized as llama.cpp does for `scheme`, then dequantized. For ACT_Q8_1, corr[t, b]
+    = (f16 block sum) - (the sum of xq's block): the product adds min[b] * corr[t, b]."""
+    T, K = x.shape
+    for t in prange(T):
+        if scheme == ACT_Q8_K:
+            for b in range(K // 256):
+                o = b * 256
+                amax = np.float32(0.0)
+                vmax = np.float32(0.0)
+                for i in range(256):
+                    a = abs(x[t, o + i])
+                    if a > amax:
+                        amax, vmax = a, x[t, o + i]
+                if amax == 0.0:
+                    for i in range(256):
+                        xq[t, o + i] = 0.0
+                    continue
+                iscale = np.float32(-127.0) / vmax
+                d = np.float32(1.0) / iscale
+                for i in range(256):
+                    q = min(127.0, _rint(np.float32(iscale * x[t, o + i])))
+                    xq[t, o + i] = np.float32(q) * d
+        else:
+            for b in range(K // 32):
+                o = b * 32
+                amax = np.float32(0.0)
+                for i in range(32):
+                    amax = max(amax, abs(x[t, o + i]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+                d16 = _to_f16(d)
+                qsum = 0.0
+                for i in range(32):
+                    q = _rint(np.float32(x[t, o + i] * inv))
+                    qsum += q
+                    xq[t, o + i] = np.float32(q) * d16
+                if scheme == ACT_Q8_1:
+                    corr[t, b] = _to_f16(np.float32(d * qsum)) - np.float32(d16 * qsum)
+
+
+@jit(inline="always")
+def _min_term(w, r, qtype, corr, t):
+    """sum over 32-blocks of the row's min (m, an f16 at byte 2 of Q4_1 / Q5_1 blocks) times the
+    activation block-sum correction."""
+    size = 20 if qtype == _Q41 else 24
+    a = np.float32(0.0)
+    for b in range(corr.shape[1]):
+        a += _f16(w[r], b * size + 2) * corr[t, b]
+    return a
+
+
+_Q41, _Q51 = int(_Q.Q4_1), int(_Q.Q5_1)
+_NO_CORR = np.zeros((0, 0), np.float32)
+
+
+@pjit
+def _matmul_kernel(out, x, w, qtype, tile, n_threads, corr):
     N = w.shape[0]
     K = x.shape[1]
     n_tiles = (N + tile - 1) // tile
@@ -143,6 +170,10 @@ def _matmul_kernel(out, x, w, qtype, tile, n_threads):
             for r in range(nr):
                 decode_row(w[n0 + r], qtype, scratch[r])
             _dot_tile(out, x, scratch, n0, nr, K)
+            if qtype == _Q41 or qtype == _Q51:
+                for r in range(nr):
+                    for t in range(x.shape[0]):
+                        out[t, n0 + r] += _min_term(w, n0 + r, qtype, corr, t)
 
 
 def tile_rows(T: int, K: int) -> int:
@@ -179,8 +210,19 @@ def _check_f32(a: np.ndarray, what: str, shape: tuple[int, int]):
         raise ValueError(f"{what} must be C-contiguous float32 of shape {shape}, got {got}")
 
 
-def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype) -> np.ndarray:
-    """out[T, N] = x[T, K] @ W.T, W being the N x K matrix stored as raw rows `w` of type `qtype`."""
+class ActScratch:
+    """Buffers for the quantized activations of up to `rows` tokens of up to `width` values."""
+
+    def __init__(self, rows: int, width: int):
+        self.xq = np.zeros((rows, width), np.float32)        # activations, quantized + dequantized
+        self.corr = np.zeros((rows, width // 32), np.float32)  # Q8_1 block-sum corrections
+
+
+def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype,
+           scratch: ActScratch | None = None) -> np.ndarray:
+    """out[T, N] = x[T, K] @ W.T, W being the N x K matrix stored as raw rows `w` of type `qtype`,
+    with x quantized first as llama.cpp does for that type (see ACT_SCHEME). `scratch` holds the
+    quantized activations (allocated here when not given)."""
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError("x must be a 2-D float32 array [T, K]")
     T, K = x.shape
@@ -190,7 +232,20 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype) -> np.ndarray:
         raise ValueError("out must be a writable array")
     _check_f32(out, "out", (T, w.shape[0]))
     if T and w.shape[0]:
-        _matmul_kernel(out, x, w, t.id, tile_rows(T, K), get_num_threads())
+        scheme = ACT_SCHEME.get(t.id, ACT_F32)
+        if scheme != ACT_F32:
+            scratch = scratch or ActScratch(T, K)
+            if scratch.xq.shape[0] < T or scratch.xq.shape[1] < K:
+                raise ValueError(f"activation scratch {scratch.xq.shape} is too small for {(T, K)}")
+            xq, corr = scratch.xq[:T, :K], scratch.corr[:T, :K // 32]
+            if not xq.flags.c_contiguous:  # a narrower product than the scratch was made for
+                xq = scratch.xq.reshape(-1)[:T * K].reshape(T, K)
+                corr = scratch.corr.reshape(-1)[:T * (K // 32)].reshape(T, K // 32)
+            quantize_act(xq, corr, x, scheme)
+            x = xq
+        else:
+            corr = _NO_CORR
+        _matmul_kernel(out, x, w, t.id, tile_rows(T, K), get_num_threads(), corr)
     return out
 
 
@@ -220,9 +275,46 @@ def _ref_weights(w: np.ndarray, qtype) -> np.ndarray:
     return np.asarray(gguf_quants.dequantize(np.asarray(w, np.uint8), GGMLQuantizationType(quant_type(qtype).id)), np.float64)
 
 
+def quantize_act_ref(x: np.ndarray, scheme: int):
+    """llama.cpp's activation quantization, written plainly after its quantize_row_q8_{0,1,K}:
+    returns the dequantized activations and the Q8_1 block-sum corrections (float64)."""
+    x = np.asarray(x, np.float32)
+    T, K = x.shape
+    if scheme == ACT_F32:
+        return x.astype(np.float64), np.zeros((T, 0))
+    if scheme == ACT_Q8_K:
+        xb = x.reshape(T, K // 256, 256)
+        vmax = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)
+        with np.errstate(divide="ignore"):
+            iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, 0).astype(np.float32)
+        q = np.minimum(127, np.rint(iscale * xb))  # np.rint: half to even, as nearest_int
+        d = np.where(iscale != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
+        return (q * d).reshape(T, K).astype(np.float64), np.zeros((T, K // 32))
+    xb = x.reshape(T, K // 32, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.where(amax != 0, np.float32(127.0) / np.where(amax != 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv)
+    d16 = d.astype(np.float16).astype(np.float64)
+    xq = (q * d16).reshape(T, K)
+    qsum = q.sum(-1)
+    corr = np.zeros((T, K // 32))
+    if scheme == ACT_Q8_1:
+        corr = (d[..., 0] * qsum).astype(np.float32).astype(np.float16).astype(np.float64) - d16[..., 0] * qsum
+    return xq, corr
+
+
 def matmul_ref(x: np.ndarray, w: np.ndarray, qtype) -> np.ndarray:
-    """float64 x @ W.T, W decoded by gguf-py."""
-    return np.asarray(x, np.float64) @ _ref_weights(w, qtype).T
+    """float64 x @ W.T, W decoded by gguf-py, x quantized first as llama.cpp does for the type."""
+    qt = quant_type(qtype).id
+    scheme = ACT_SCHEME.get(qt, ACT_F32)
+    xq, corr = quantize_act_ref(x, scheme)
+    out = xq @ _ref_weights(w, qtype).T
+    if scheme == ACT_Q8_1:  # the weights' block minimum (an f16 at byte 2 of each block)
+        size = 20 if qt == _Q41 else 24
+        m = np.asarray(w).reshape(w.shape[0], -1, size)[:, :, 2:4].copy().view(np.float16)[..., 0]
+        out += corr @ m.astype(np.float64).T
+    return out
 
 
 def get_rows_ref(w: np.ndarray, qtype, ids) -> np.ndarray:
