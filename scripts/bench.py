@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,27 @@ def ours_once(model, n_prompt, n_gen, rng):
             model._decode(int(tok))
         out["tg"] = n_gen / (time.perf_counter() - t)
     return out
+
+
+def usable_llama_bench(path: str) -> str:
+    """llama-bench ready to run. The copy in ../shared/tools stores its library symlinks as small
+    text files, and its sapphirerapids back-end dies with an illegal instruction on some VMs; so
+    the folder is copied once into the cache with real links and without that back-end."""
+    from numba_apr.packaged import cache_dir
+
+    src = os.path.dirname(os.path.abspath(path))
+    dst = cache_dir() / "llama.cpp-bin"
+    if not (dst / "llama-bench").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(src):
+            f, out = os.path.join(src, name), dst / name
+            if "sapphirerapids" in name or out.exists() or out.is_symlink():
+                continue
+            if os.path.getsize(f) < 64 and name.startswith("lib"):  # a link stored as text
+                os.symlink(open(f).read().strip(), out)
+            else:
+                shutil.copy2(f, out)
+    return str(dst / "llama-bench")
 
 
 def llama_once(exe, path, n_prompt, n_gen, threads):
@@ -79,6 +101,8 @@ def main():
     from numba_apr.packaged import resolve
 
     path = resolve(a.model)
+    if a.llama_bench:
+        a.llama_bench = usable_llama_bench(a.llama_bench)
     t = time.perf_counter()
     model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads)
     load_s = time.perf_counter() - t
