@@ -20,7 +20,7 @@ from .errors import NumbaAprError
 from .generate import GenerationStats, generate
 from .gguf_file import GGUFFile
 from .model import RunState, forward, load_weights
-from .sampling import SamplingParams
+from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 DEVICES = ("cpu",)
@@ -58,7 +58,9 @@ class Model:
         self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1
         self.n_past = 0
         progress(0.5, "compiling kernels")
-        self._decode(self.tokenizer.bos_id or 0, pos=0)  # compiles (or loads from cache) every kernel
+        # Compile (or load from Numba's cache) every kernel now, not at the first token.
+        logits = self._decode(self.tokenizer.bos_id or 0, pos=0)
+        Sampler(self.config.n_vocab, SamplingParams(seed=0)).sample(logits[0], self.tokens[:1])
         self.n_past = 0
         self.load_seconds = time.perf_counter() - t0
         progress(1.0, "ready")
