@@ -108,8 +108,12 @@ def test_k_quants_awkward_rows(rng, name):
         scale = np.abs(x[r]).max()
         tol = 0.11 if name == "Q4_K" else 0.04  # of the row's largest magnitude
         assert np.abs(got[r] - x[r]).max() <= tol * scale, r
-    # the spike's own sub-block is coarse, but the rest of the row keeps its precision
-    assert np.abs(got[-1, 256:] - x[-1, 256:]).max() < 0.01 * 0.2
+    # the spike's own super-block is coarse, but the rest of the row keeps its precision: within
+    # each 32-value sub-block, under one 4-bit step of that sub-block's own range (a spike-sized
+    # step would be ~50/15)
+    rest, back = x[-1, 256:].reshape(-1, 32), got[-1, 256:].reshape(-1, 32)
+    step = (rest.max(1) - rest.min(1)) / 15
+    assert (np.abs(back - rest).max(1) <= step).all()
 
 
 def test_k_quant_search_length(rng):
