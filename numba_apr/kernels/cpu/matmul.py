@@ -6,7 +6,7 @@ with gguf shape [K, N] as N raw rows of `row_bytes` bytes, which is what these k
 prompt length in prefill).
 
 `matmul` is parallel over tiles of weight rows. Each thread decodes its tile once into a small
-float32 scratch (`tile_rows` x K, reused across tiles) and dots it against every token row, so
+float32 scratch (`tile_rows` x K, allocated once by the caller) and dots it against every token row, so
 prefill reads and decodes each weight byte once for the whole batch, and nothing the size of
 N x K is ever allocated. The dots are float32 with fastmath reassociation so that LLVM turns
 each one into vector FMAs over K, one (token, row) pair at a time through the same code, so a
@@ -24,6 +24,7 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
+import numba
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
@@ -153,17 +154,17 @@ _NO_CORR = np.zeros((0, 0), np.float32)
 
 
 @pjit
-def _matmul_kernel(out, x, w, qtype, tile, n_threads, corr):
+def _matmul_kernel(out, x, w, qtype, tile, n_threads, corr, tiles):
     N = w.shape[0]
     K = x.shape[1]
     n_tiles = (N + tile - 1) // tile
-    # One contiguous range of tiles per thread: the work per tile is uniform, and allocating the
-    # scratch once per range (not per tile) keeps the allocator out of the loop.
+    # One contiguous range of tiles per thread (the work per tile is uniform), each thread
+    # decoding into its own row of `tiles`, which the caller allocated once.
     # (n_threads comes from the caller: numba.get_num_threads() inside a kernel would stop it
     # from being cached on disk.)
     n_chunks = max(1, min(n_tiles, n_threads))
     for c in prange(n_chunks):
-        scratch = np.empty((tile, K), np.float32)
+        scratch = tiles[c, :tile * K].reshape((tile, K))
         for i in range(c * n_tiles // n_chunks, (c + 1) * n_tiles // n_chunks):
             n0 = i * tile
             nr = min(tile, N - n0)
@@ -183,7 +184,10 @@ def tile_rows(T: int, K: int) -> int:
     as many times; measured on prefill shapes, past L2 it gets slower again."""
     if T <= 2:
         return TILE
-    return max(TILE, min(64, (768 * 1024) // (4 * K)) // TILE * TILE)
+    return max(TILE, min(64, TILE_BYTES // (4 * K)) // TILE * TILE)
+
+
+TILE_BYTES = 768 * 1024
 
 
 @pjit
@@ -211,18 +215,23 @@ def _check_f32(a: np.ndarray, what: str, shape: tuple[int, int]):
 
 
 class ActScratch:
-    """Buffers for the quantized activations of up to `rows` tokens of up to `width` values."""
+    """What a product needs besides its operands, allocated once: the quantized activations of
+    up to `rows` tokens of up to `width` values, and each thread's tile of decoded weights."""
 
     def __init__(self, rows: int, width: int):
         self.xq = np.zeros((rows, width), np.float32)        # activations, quantized + dequantized
         self.corr = np.zeros((rows, width // 32), np.float32)  # Q8_1 block-sum corrections
+        # [thread, tile_rows x width] decoded weight rows; sized for the most threads Numba allows.
+        per_thread = max(TILE_BYTES // 4, TILE * width)
+        self.tiles = np.zeros((numba.config.NUMBA_NUM_THREADS, per_thread), np.float32)
 
 
 def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype,
            scratch: ActScratch | None = None) -> np.ndarray:
     """out[T, N] = x[T, K] @ W.T, W being the N x K matrix stored as raw rows `w` of type `qtype`,
     with x quantized first as llama.cpp does for that type (see ACT_SCHEME). `scratch` holds the
-    quantized activations (allocated here when not given)."""
+    quantized activations and the threads' decoded tiles (allocated here when not given; the
+    RunState passes its own, so decoding allocates nothing)."""
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError("x must be a 2-D float32 array [T, K]")
     T, K = x.shape
@@ -233,10 +242,10 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype,
     _check_f32(out, "out", (T, w.shape[0]))
     if T and w.shape[0]:
         scheme = ACT_SCHEME.get(t.id, ACT_F32)
+        scratch = scratch or ActScratch(T, K)
+        if scratch.xq.shape[0] < T or scratch.xq.shape[1] < K:
+            raise ValueError(f"scratch {scratch.xq.shape} is too small for {(T, K)}")
         if scheme != ACT_F32:
-            scratch = scratch or ActScratch(T, K)
-            if scratch.xq.shape[0] < T or scratch.xq.shape[1] < K:
-                raise ValueError(f"activation scratch {scratch.xq.shape} is too small for {(T, K)}")
             xq, corr = scratch.xq[:T, :K], scratch.corr[:T, :K // 32]
             if not xq.flags.c_contiguous:  # a narrower product than the scratch was made for
                 xq = scratch.xq.reshape(-1)[:T * K].reshape(T, K)
@@ -245,7 +254,7 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype,
             x = xq
         else:
             corr = _NO_CORR
-        _matmul_kernel(out, x, w, t.id, tile_rows(T, K), get_num_threads(), corr)
+        _matmul_kernel(out, x, w, t.id, tile_rows(T, K), get_num_threads(), corr, scratch.tiles)
     return out
 
 
