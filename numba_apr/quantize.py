@@ -38,6 +38,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ._numba import jit, pjit, prange
+from .quants import _half as _half_value, _half_bits, _nearest
 
 _Q = GGMLQuantizationType
 F32, F16, Q8_0, Q5_0, Q4_K, Q6_K = (int(_Q.F32), int(_Q.F16), int(_Q.Q8_0), int(_Q.Q5_0),
@@ -54,41 +55,6 @@ _EXACT = dict(fastmath=False)  # bit-exact float rounding (see the module docstr
 
 # ---------------------------------------------------------------------------------------------
 # Scalar helpers (inlined into their callers, so they take the caller's fast-math setting).
-
-
-@jit(inline="always")
-def _nearest(f):
-    """Round float32 `f` (|f| < 2**22) to the nearest integer, ties to even, as ggml's
-    `nearest_int`: adding 1.5 * 2**23 makes the FPU round the value into the low mantissa bits.
-    A bit cast, not `(f + c) - c`, reads it back, so fast-math cannot fold the add away."""
-    v = np.float32(_F(f) + _F(12582912.0)).view(np.uint32)
-    return np.int32(v & np.uint32(0x7FFFFF)) - np.int32(0x400000)
-
-
-@jit(inline="always")
-def _half_bits(f):
-    """IEEE half bits of float32 `f`, rounded to nearest even (numpy's float16 cast): inf past
-    the half range, a quiet nan for nan, subnormal halves below 2**-14."""
-    u = np.float32(f).view(np.uint32)
-    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
-    a = u & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x47800000):  # |f| >= 65536, inf or nan
-        h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
-    elif a < np.uint32(0x38800000):  # |f| < 2**-14: adding 0.5 leaves |f| / 2**-24, rounded,
-        # in the low mantissa bits (0.5's own bits are 0x3F000000)
-        h = np.float32(np.uint32(a).view(np.float32) + _F(0.5)).view(np.uint32) - np.uint32(0x3F000000)
-    else:  # rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even;
-        # a carry out of the mantissa correctly bumps the exponent (up to inf at 65520)
-        h = (a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1)) - np.uint32(0x38000000)) >> np.uint32(13)
-    return np.uint32(sign | h)
-
-
-@jit(inline="always")
-def _half_value(h):
-    """float32 value of half bits `h` (for scales that the decoder will read back rounded)."""
-    em = np.uint32(h) & np.uint32(0x7FFF)
-    f = np.uint32(em << np.uint32(13)).view(np.float32) * _F(2.0**112)
-    return -f if np.uint32(h) & np.uint32(0x8000) else f
 
 
 @jit(inline="always")

@@ -137,6 +137,33 @@ def _half(h):
 
 
 @jit(inline="always")
+def _nearest(f):
+    """Round float32 `f` (|f| < 2**22) to the nearest integer, ties to even, as ggml's
+    `nearest_int`: adding 1.5 * 2**23 makes the FPU round the value into the low mantissa bits.
+    A bit cast, not `(f + c) - c`, reads it back, so fast-math cannot fold the add away."""
+    v = np.float32(np.float32(f) + np.float32(12582912.0)).view(np.uint32)
+    return np.int32(v & np.uint32(0x7FFFFF)) - np.int32(0x400000)
+
+
+@jit(inline="always")
+def _half_bits(f):
+    """IEEE half bits of float32 `f`, rounded to nearest even (numpy's float16 cast): inf past
+    the half range, a quiet nan for nan, subnormal halves below 2**-14."""
+    u = np.float32(f).view(np.uint32)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x47800000):  # |f| >= 65536, inf or nan
+        h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif a < np.uint32(0x38800000):  # |f| < 2**-14: adding 0.5 leaves |f| / 2**-24, rounded,
+        # in the low mantissa bits (0.5's own bits are 0x3F000000)
+        h = np.float32(np.uint32(a).view(np.float32) + np.float32(0.5)).view(np.uint32) - np.uint32(0x3F000000)
+    else:  # rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even;
+        # a carry out of the mantissa correctly bumps the exponent (up to inf at 65520)
+        h = (a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1)) - np.uint32(0x38000000)) >> np.uint32(13)
+    return np.uint32(sign | h)
+
+
+@jit(inline="always")
 def _f16(src, o):
     """The little-endian half float at byte offset `o` of `src`, as float32."""
     return _half(np.uint32(src[_U(o)]) | (np.uint32(src[_U(o + 1)]) << np.uint32(8)))

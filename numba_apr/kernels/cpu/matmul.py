@@ -19,8 +19,6 @@ Numba kernels have no bounds checks, so the Python wrappers validate shapes and 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
@@ -28,7 +26,7 @@ import numba
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
-from ...quants import _f16, decode_row, quant_type
+from ...quants import _f16, _half, _half_bits, _nearest, decode_row, quant_type
 
 #: The smallest tile of weight rows (see `tile_rows`).
 TILE = 4
@@ -78,25 +76,12 @@ ACT_SCHEME = {_Q.Q8_0: ACT_Q8_0, _Q.Q4_0: ACT_Q8_0, _Q.Q5_0: ACT_Q8_0, _Q.Q4_1: 
 
 
 @jit(inline="always")
-def _rint(v):
-    """Round half to even (x86's _MM_ROUND_NEAREST and ggml's nearest_int)."""
-    r = np.floor(v + 0.5)
-    if r - v == 0.5 and r % 2.0 != 0.0:
-        r -= 1.0
-    return r
-
-
-@jit(inline="always")
 def _to_f16(v):
     """float32 rounded to the nearest float16 value (kept as float32)."""
-    if v == 0.0:
-        return np.float32(0.0)
-    m, e = math.frexp(v)
-    step = math.ldexp(1.0, max(e, -13) - 11)  # 11 significant bits; subnormal step 2^-24
-    return np.float32(_rint(v / step) * step)
+    return _half(_half_bits(v))
 
 
-@pjit
+@pjit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding
 def quantize_act(xq, corr, x, scheme):
     """xq = x quantized as llama.cpp does for `scheme`, then dequantized. For ACT_Q8_1, corr[t, b]
     = (f16 block sum) - (the sum of xq's block): the product adds min[b] * corr[t, b]."""
@@ -118,7 +103,7 @@ def quantize_act(xq, corr, x, scheme):
                 iscale = np.float32(-127.0) / vmax
                 d = np.float32(1.0) / iscale
                 for i in range(256):
-                    q = min(127.0, _rint(np.float32(iscale * x[t, o + i])))
+                    q = min(127.0, np.float32(_nearest(np.float32(iscale * x[t, o + i]))))
                     xq[t, o + i] = np.float32(q) * d
         else:
             for b in range(K // 32):
@@ -131,7 +116,7 @@ def quantize_act(xq, corr, x, scheme):
                 d16 = _to_f16(d)
                 qsum = 0.0
                 for i in range(32):
-                    q = _rint(np.float32(x[t, o + i] * inv))
+                    q = np.float32(_nearest(np.float32(x[t, o + i] * inv)))
                     qsum += q
                     xq[t, o + i] = np.float32(q) * d16
                 if scheme == ACT_Q8_1:
