@@ -148,16 +148,17 @@ class Model:
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         tok = self.tokenizer
-        piece = lambda i: "" if i is None else tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
-        return render_chat(messages, tok.chat_template, bos_token=piece(tok.bos_id),
-                           eos_token=piece(tok.eos_id), add_generation_prompt=add_generation_prompt)
+        return render_chat(messages, tok.chat_template, bos_token=self._text_of(tok.bos_id),
+                           eos_token=self._text_of(tok.eos_id), add_generation_prompt=add_generation_prompt)
+
+    def _text_of(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tokenizer.token_bytes(token_id).decode("utf-8", "replace")
 
     def chat(self, messages, **kw) -> Iterator[str]:
         """`generate` on the conversation rendered by the model's chat template. Templates that
         write BOS themselves (gemma's) get no second one."""
         text = self.chat_prompt(messages)
-        tok = self.tokenizer
-        bos = "" if tok.bos_id is None else tok.token_bytes(tok.bos_id).decode("utf-8", "replace")
+        bos = self._text_of(self.tokenizer.bos_id)
         return self.generate(text, add_bos=not (bos and text.startswith(bos)), **kw)
 
 

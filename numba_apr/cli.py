@@ -102,7 +102,7 @@ def _stream(pieces) -> None:
 
 
 def run(args) -> int:
-    from .api import DEVICES, load
+    from .api import load
     from .generate import GenerationStats
     from .sampling import SamplingParams
 
@@ -111,11 +111,9 @@ def run(args) -> int:
         raise NumbaAprError("give the prompt either as an argument or with -p, not both")
     if prompt is None and not args.chat:
         prompt = "Once upon a time"
-    # Check every flag before the (slow) load.
+    # Check the sampling flags before the (slow) load; load() checks the device first thing.
     SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repeat_penalty=args.repeat_penalty).validate()
-    if args.device not in DEVICES:
-        raise NumbaAprError(f"device '{args.device}' is not supported (available: {', '.join(DEVICES)})")
     progress = _Progress()
     try:
         model = load(args.model, device=args.device, n_ctx=args.ctx_size, threads=args.threads,

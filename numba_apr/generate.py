@@ -7,6 +7,7 @@ UTF-8 character split over two tokens is emitted whole.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -59,8 +60,6 @@ class _StopFilter:
 def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
              stop: list[str] | tuple[str, ...] = (), stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield the text of the continuation of `prompt_ids`, piece by piece."""
-    import time
-
     stats = stats if stats is not None else GenerationStats()
     params.validate()
     sampler = Sampler(model.config.n_vocab, params)

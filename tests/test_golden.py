@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, model_path
+from numba_apr.generate import GenerationStats
 
 GOLDEN = SHARED / "golden"
 MODELS = ["tiny-qwen2-q4km", "gemma-3-270m-q4_k_m", "SmolLM2-135M-Instruct.Q4_1"]
@@ -78,8 +79,6 @@ def test_golden(case):
         assert got[:n_trust] == greedy[:n_trust], f"{c['prompt'][:40]!r}: batched greedy differs"
         compare_top(greedy_rows, [s["top"] for s in c["greedy_top"]], tol, diffs, n_trust)
         # Token by token, through the public generation API.
-        from numba_apr.generate import GenerationStats
-
         stats = GenerationStats()
         text = "".join(model.generate(prompt, max_tokens=len(greedy), temperature=0, stats=stats))
         assert stats.token_ids[:n_trust] == greedy[:n_trust], f"{c['prompt'][:40]!r}: generate differs"
