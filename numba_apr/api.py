@@ -20,6 +20,7 @@ from .errors import NumbaAprError
 from .generate import GenerationStats, generate
 from .gguf_file import GGUFFile
 from .model import RunState, forward, load_weights
+from .packing import pack_weights
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -53,6 +54,9 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         progress(0.4, "checking tensors")
         self.weights = load_weights(self.gguf, self.config)
+        progress(0.45, "repacking weights")
+        if not os.environ.get("NUMBA_APR_NOPACK"):
+            pack_weights(self.gguf, self.weights)
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
         self.state = RunState(self.config, self.n_ctx, min(N_BATCH, self.n_ctx))
         self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1

@@ -1,5 +1,6 @@
-"""The transformer: `Weights` (views into the memory-mapped GGUF), `RunState` (every buffer,
-allocated once) and `forward`, which reads top to bottom like the paper.
+"""The transformer: `Weights` (views into the memory-mapped GGUF, or the repacked matrices of
+packing.py), `RunState` (every buffer, allocated once) and `forward`, which reads top to bottom
+like the paper.
 
 `forward` evaluates a batch of tokens at consecutive positions: the whole prompt chunk at once
 (each weight byte read once for the chunk) or one token while decoding. What differs between
@@ -20,6 +21,7 @@ from .gguf_file import GGUFFile, Tensor
 from .kernels.cpu import ops
 from .kernels.cpu.attention import attention
 from .kernels.cpu.matmul import ActScratch, get_rows, matmul
+from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul
 
 
 @dataclass
@@ -118,9 +120,13 @@ class RunState:
         self.steps = np.arange(B, dtype=np.int64)                   # 0 .. B-1, to offset by pos0
         self.token = np.zeros(1, np.int32)                          # the one token of a decode step
         self.logits = np.zeros((1, c.n_vocab), f32)                 # next-token logits (last position)
-        # Activations quantized as llama.cpp does before each quantized product: [B, widest input].
-        self.act = ActScratch(B, max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v))
-        # KV cache, written in place by the K/V projections: [layer, position, kv_head * dim].
+        # Activations quantized as llama.cpp does before each quantized product: [B, widest input],
+        # as int8 for the repacked matrices, dequantized for the others.
+        widest = max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v)
+        self.qact = QScratch(B, widest)
+        self.act = ActScratch(B, widest)
+        # KV cache, written in place by the K/V projections: [layer, position, kv_head * dim];
+        # float32 arrays holding values rounded to f16 (Numba has no CPU float16 arithmetic).
         self.k_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
         self.v_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
 
@@ -139,8 +145,11 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     np.add(s.steps[:T], pos0, out=pos)
     gelu = c.act == "gelu"
 
-    def linear(out, inp, t: Tensor):  # out = inp @ W.T
-        matmul(out, inp, t.raw, t.qtype, s.act)
+    def linear(out, inp, t: Tensor | PackedMatrix):  # out = inp @ W.T
+        if isinstance(t, PackedMatrix):
+            qmatmul(out, inp, t, s.qact)
+        else:
+            matmul(out, inp, t.raw, t.qtype, s.act)
 
     get_rows(x, w.token_embd.raw, w.token_embd.qtype, tokens)
     if c.embd_scale != 1.0:
@@ -165,6 +174,8 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
             ops.rmsnorm(kh, kh, L.k_norm, c.norm_eps)
         ops.rope(q, pos, c.n_head, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
         ops.rope(k, pos, c.n_head_kv, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
+        ops.round_f16(k)  # the KV cache holds f16 values, as llama.cpp's does
+        ops.round_f16(v)
         attention(att, q, s.k_cache[l], s.v_cache[l], pos0, c.n_head, c.n_head_kv,
                   c.head_dim, c.head_dim_v, c.attn_scale, plan.window)
         linear(proj, att, L.wo)

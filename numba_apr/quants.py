@@ -137,6 +137,12 @@ def _half(h):
 
 
 @jit(inline="always")
+def _to_f16(v):
+    """float32 rounded to the nearest float16 value (kept as float32)."""
+    return _half(_half_bits(v))
+
+
+@jit(inline="always")
 def _nearest(f):
     """Round float32 `f` (|f| < 2**22) to the nearest integer, ties to even, as ggml's
     `nearest_int`: adding 1.5 * 2**23 makes the FPU round the value into the low mantissa bits.

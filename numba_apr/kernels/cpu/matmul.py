@@ -26,7 +26,7 @@ import numba
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
-from ...quants import _f16, _half, _half_bits, _nearest, decode_row, quant_type
+from ...quants import _f16, _nearest, _to_f16, decode_row, quant_type
 
 #: The smallest tile of weight rows (see `tile_rows`).
 TILE = 4
@@ -73,12 +73,6 @@ ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3
 _Q = GGMLQuantizationType
 ACT_SCHEME = {_Q.Q8_0: ACT_Q8_0, _Q.Q4_0: ACT_Q8_0, _Q.Q5_0: ACT_Q8_0, _Q.Q4_1: ACT_Q8_1,
               _Q.Q5_1: ACT_Q8_1, _Q.Q4_K: ACT_Q8_K, _Q.Q5_K: ACT_Q8_K, _Q.Q6_K: ACT_Q8_K}
-
-
-@jit(inline="always")
-def _to_f16(v):
-    """float32 rounded to the nearest float16 value (kept as float32)."""
-    return _half(_half_bits(v))
 
 
 @pjit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding

@@ -1,5 +1,5 @@
 """Element-wise and row-wise CPU kernels of the transformer: RMSNorm, RoPE, bias, gated
-activations, residual add, embedding scale. Each has a float64 NumPy reference `<name>_ref`
+activations, residual add, embedding scale, rounding to float16. Each has a float64 NumPy reference `<name>_ref`
 beside it (the tests' oracle).
 
 All kernels write into buffers the caller owns (the RunState), so the decode loop allocates
@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from ..._numba import jit, pjit, prange
+from ...quants import _to_f16
 
 GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -114,3 +115,17 @@ def gated_act_ref(gate, up, gelu):
     else:
         a = g / (1.0 + np.exp(-g))
     return a * u
+
+
+@jit
+def round_f16(x):
+    """x rounded to the nearest float16 values, in place (kept as float32). llama.cpp stores the
+    KV cache in f16; rounding what we store the same way keeps our attention on its inputs."""
+    rows, n = x.shape
+    for r in range(rows):
+        for i in range(n):
+            x[r, i] = _to_f16(x[r, i])
+
+
+def round_f16_ref(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
