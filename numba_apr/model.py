@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
+from numba import get_num_threads
 
 from . import quants
 from .arch import Config, tables
 from .errors import NumbaAprError
 from .gguf_file import GGUFFile, Tensor
 from .kernels.cpu import ops
-from .kernels.cpu.attention import attention
+from .kernels.cpu.attention import attention, scores_buffer
 from .kernels.cpu.matmul import ActScratch, get_rows, matmul
-from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul
+from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul, scheme
 
 
 @dataclass
@@ -129,6 +131,7 @@ class RunState:
         # float32 arrays holding values rounded to f16 (Numba has no CPU float16 arithmetic).
         self.k_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
         self.v_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
+        self.scores = scores_buffer(n_ctx, numba.config.NUMBA_NUM_THREADS)  # [thread, position] attention scores
 
 
 def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
@@ -145,11 +148,17 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     np.add(s.steps[:T], pos0, out=pos)
     gelu = c.act == "gelu"
 
-    def linear(out, inp, t: Tensor | PackedMatrix):  # out = inp @ W.T
-        if isinstance(t, PackedMatrix):
-            qmatmul(out, inp, t, s.qact)
+    n_threads = get_num_threads()
+
+    def linear(outs, inp, ts):  # outs[i] = inp @ W_i.T for the matrices ts of one input
+        if all(isinstance(t, PackedMatrix) for t in ts) and len({scheme(t) for t in ts}) == 1:
+            qmatmul(outs, inp, ts, s.qact, n_threads)  # one pass: Q/K/V or gate/up fused
         else:
-            matmul(out, inp, t.raw, t.qtype, s.act)
+            for out, t in zip(outs, ts):
+                if isinstance(t, PackedMatrix):
+                    qmatmul(out, inp, t, s.qact, n_threads)
+                else:
+                    matmul(out, inp, t.raw, t.qtype, s.act)
 
     get_rows(x, w.token_embd.raw, w.token_embd.qtype, tokens)
     if c.embd_scale != 1.0:
@@ -161,9 +170,7 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
 
         # Attention block.
         ops.rmsnorm(xb, x, L.attn_norm, c.norm_eps)
-        linear(q, xb, L.wq)
-        linear(k, xb, L.wk)
-        linear(v, xb, L.wv)
+        linear((q, k, v), xb, (L.wq, L.wk, L.wv))
         if L.bq is not None:
             ops.add_bias(q, L.bq)
             ops.add_bias(k, L.bk)
@@ -177,18 +184,17 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
         ops.round_f16(k)  # the KV cache holds f16 values, as llama.cpp's does
         ops.round_f16(v)
         attention(att, q, s.k_cache[l], s.v_cache[l], pos0, c.n_head, c.n_head_kv,
-                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window)
-        linear(proj, att, L.wo)
+                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window, s.scores)
+        linear((proj,), att, (L.wo,))
         if L.post_attn_norm is not None:
             ops.rmsnorm(proj, proj, L.post_attn_norm, c.norm_eps)
         ops.add(x, proj)
 
         # Feed-forward block.
         ops.rmsnorm(xb, x, L.ffn_norm, c.norm_eps)
-        linear(gate, xb, L.w_gate)
-        linear(up, xb, L.w_up)
+        linear((gate, up), xb, (L.w_gate, L.w_up))
         ops.gated_act(gate, up, gelu)
-        linear(proj, gate, L.w_down)
+        linear((proj,), gate, (L.w_down,))
         if L.post_ffn_norm is not None:
             ops.rmsnorm(proj, proj, L.post_ffn_norm, c.norm_eps)
         ops.add(x, proj)
@@ -200,6 +206,6 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     else:
         out = all_logits
         ops.rmsnorm(xb, x, w.output_norm, c.norm_eps)
-    linear(out, xb, w.output)
+    linear((out,), xb, (w.output,))
     return out
 

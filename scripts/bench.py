@@ -79,8 +79,11 @@ def llama_once(exe, path, n_prompt, n_gen, threads):
 def weight_bytes(model) -> int:
     """Bytes of weights one decode step reads (every matrix once; one embedding row)."""
     w = model.weights
-    n = sum(t.raw.nbytes for L in w.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
-    return n + w.output.raw.nbytes
+
+    def size(t):  # a repacked matrix or raw GGUF rows
+        return t.data.nbytes if hasattr(t, "data") else t.raw.nbytes
+    n = sum(size(t) for L in w.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
+    return n + size(w.output)
 
 
 def fmt(xs):

@@ -1,56 +1,78 @@
 """Grouped-query causal attention over the KV cache (CPU), with an optional sliding window.
 
 One kernel serves the prompt (T query tokens at once) and decoding (T = 1): every (token, head)
-pair is independent, so `prange` runs over all of them. Softmax is computed online (running
-max and sum, rescaling the accumulated output when the max grows), so no scores buffer of
-context length is needed per pair and nothing is allocated.
+pair is independent, so the pairs are split over the threads. Each pair takes three plain
+passes that LLVM vectorises: the scores q.k of every visible position, their softmax, and the
+weighted sum of the V rows. The scores go to the calling thread's row of `scores` ([threads,
+n_ctx], allocated once by the caller), so nothing is allocated.
 """
+import numba
 import numpy as np
 
 from ..._numba import pjit, prange
 
 
+def scores_buffer(n_ctx: int, n_threads: int) -> np.ndarray:
+    """The scratch `attention` needs: one row of n_ctx scores per thread."""
+    return np.zeros((n_threads, n_ctx), np.float32)
+
+
 @pjit
-def attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window):
+def _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
+               scores, n_threads):
+    T = q.shape[0]
+    group = n_head // n_head_kv
+    n_pairs = T * n_head
+    n_chunks = max(1, min(n_pairs, n_threads))
+    for c in prange(n_chunks):
+        sc = scores[c]
+        for th in range(c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks):
+            t, h = th // n_head, th % n_head
+            kvh = h // group
+            p = pos0 + t
+            start = 0 if window <= 0 else max(0, p - window + 1)
+            n = p + 1 - start
+            qo, ko, vo, oo = h * head_dim, kvh * head_dim, kvh * head_dim_v, h * head_dim_v
+            m = -np.inf
+            for j in range(n):
+                s = np.float32(0.0)
+                for d in range(head_dim):
+                    s += q[t, qo + d] * k_cache[start + j, ko + d]
+                s *= np.float32(scale)
+                sc[j] = s
+                m = max(m, s)
+            denom = np.float32(0.0)
+            for j in range(n):
+                e = np.float32(np.exp(sc[j] - m))
+                sc[j] = e
+                denom += e
+            o = out[t, oo:oo + head_dim_v]
+            o[:] = 0.0
+            for j in range(n):
+                w = sc[j]
+                v = v_cache[start + j, vo:vo + head_dim_v]
+                for d in range(head_dim_v):
+                    o[d] += w * v[d]
+            inv = np.float32(1.0) / denom
+            for d in range(head_dim_v):
+                o[d] *= inv
+
+
+def attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
+              scores=None):
     """out[t, h*dv:(h+1)*dv] = softmax(scale * q_t,h . K^T) V over the visible cache positions.
 
     q: [T, n_head*head_dim]; k_cache: [n_ctx, n_head_kv*head_dim]; v_cache: [n_ctx, n_head_kv*dv].
     Query t sits at position pos0 + t and sees positions <= its own; with window > 0 only the
     last `window` of them (itself included), as llama.cpp's standard sliding window.
-    The cache must already hold positions up to pos0 + T - 1.
+    The cache must already hold positions up to pos0 + T - 1. `scores` is the scratch of
+    `scores_buffer` (allocated here when not given).
     """
-    T = q.shape[0]
-    group = n_head // n_head_kv
-    for th in prange(T * n_head):
-        t, h = th // n_head, th % n_head
-        kvh = h // group
-        p = pos0 + t
-        start = 0 if window <= 0 else max(0, p - window + 1)
-        qo, ko, vo = h * head_dim, kvh * head_dim, kvh * head_dim_v
-        oo = h * head_dim_v
-        for d in range(head_dim_v):
-            out[t, oo + d] = 0.0
-        m = -np.inf
-        denom = np.float32(0.0)
-        for j in range(start, p + 1):
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += q[t, qo + d] * k_cache[j, ko + d]
-            s *= np.float32(scale)
-            if s > m:
-                # New maximum: rescale what was accumulated so far.
-                corr = np.float32(np.exp(m - s))
-                denom *= corr
-                for d in range(head_dim_v):
-                    out[t, oo + d] *= corr
-                m = s
-            w = np.float32(np.exp(s - m))
-            denom += w
-            for d in range(head_dim_v):
-                out[t, oo + d] += w * v_cache[j, vo + d]
-        inv = np.float32(1.0) / denom
-        for d in range(head_dim_v):
-            out[t, oo + d] *= inv
+    n_threads = numba.get_num_threads()
+    if scores is None or scores.shape[0] < n_threads or scores.shape[1] < k_cache.shape[0]:
+        scores = scores_buffer(k_cache.shape[0], n_threads)
+    _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
+               scores, n_threads)
 
 
 def attention_ref(q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window):

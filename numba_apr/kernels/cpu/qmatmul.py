@@ -66,6 +66,8 @@ class PackedMatrix:
     """A weight matrix repacked for `qmatmul`: `data` is uint8 [ceil(N/16), K/block * unit]."""
 
     def __init__(self, name: str, qtype: int, n: int, k: int, data: np.ndarray):
+        data = data.view()
+        data.flags.writeable = False  # read-only, mapped from the cache or not: one kernel signature
         self.name, self.qtype, self.n, self.k, self.data = name, int(qtype), n, k, data
 
     @staticmethod
@@ -239,9 +241,11 @@ def quantize_q8(xq, xd, xs, xm, x, scheme):
 
 
 @jit
-def _group_b32(out, u, g, qtype, xq, xd, xs, xm, t0, nt):
-    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: blocks of 32 weights, one scale (and min) per block."""
+def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: blocks of 32 weights, one scale (and min) per block.
+    qtype is a compile-time constant too: each type gets its own branch-free loop."""
     numba.literally(nt)
+    numba.literally(qtype)
     has_min = qtype == Q4_1 or qtype == Q5_1
     five = qtype == Q5_0 or qtype == Q5_1
     unit = 544 if qtype == Q8_0 else 288 + 32 * has_min + 64 * five
@@ -282,11 +286,11 @@ def _group_b32(out, u, g, qtype, xq, xd, xs, xm, t0, nt):
                 a = fma_f32(load_f16x16(u, o + 32), splat_f32(xm[t0 + t, b]), a)
             put(acc, t, a)
     for t in range(nt):
-        store_f32x16(out[t0 + t], GROUP * g, get(acc, t), min(GROUP, out.shape[1] - GROUP * g))
+        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
 
 
 @jit
-def _group_q4k(out, u, g, xq, xd, xs, t0, nt):
+def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
     """Q4_K: super-blocks of 256, 8 sub-blocks of 32 with 6-bit scales and mins."""
     numba.literally(nt)
     acc = f32x16_buffer(nt)
@@ -324,7 +328,7 @@ def _group_q4k(out, u, g, xq, xd, xs, t0, nt):
             a = fma_f32(mul_f32(d, dx), to_f32(get(isum, t)), get(acc, t))
             put(acc, t, fma_f32(mul_f32(dmin, dx), to_f32(sub_i32(zeros_i32x16(), get(msum, t))), a))
     for t in range(nt):
-        store_f32x16(out[t0 + t], GROUP * g, get(acc, t), min(GROUP, out.shape[1] - GROUP * g))
+        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
 
 
 @jit(inline="always")
@@ -333,8 +337,32 @@ def _q6k_top(h, f):
     return and_u8(shl_u8(h, 4 - 2 * f), 0x30) if f <= 2 else and_u8(shr_u8(h, 2), 0x30)
 
 
+@jit(inline="always")
+def _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, f):
+    """Sub-blocks 4f..4f+3 (low nibbles) and 8+4f.. (high) of super-block b; f is a constant
+    (0 or 1) once inlined, so the bit shifts are immediates."""
+    for s in range(4 * f, 4 * f + 4):
+        for t in range(nt):
+            put(slo, t, zeros_i32x16())
+            put(shi, t, zeros_i32x16())
+        for c in range(4 * s, 4 * s + 4):
+            v = load_u8x64(u, o + 288 + 64 * c)
+            h = load_u8x64(u, o + 2336 + 64 * (c - 16 * f))
+            lo = or_u8x64(lo_nibbles(v), _q6k_top(h, f))
+            hi = or_u8x64(hi_nibbles(v), _q6k_top(h, f + 2))
+            for t in range(nt):
+                put(slo, t, dot4(get(slo, t), lo, xq[t0 + t], 256 * b + 4 * c))
+                put(shi, t, dot4(get(shi, t), hi, xq[t0 + t], 256 * b + 128 + 4 * c))
+        sc0, sc1 = load_i8x16(u, o + 32 + 16 * s), load_i8x16(u, o + 32 + 16 * (s + 8))
+        for t in range(nt):
+            put(isum, t, add_i32(get(isum, t), add_i32(mul_i32(sc0, get(slo, t)), mul_i32(sc1, get(shi, t)))))
+            xs_t = xs[t0 + t]
+            put(msum, t, add_i32(get(msum, t), add_i32(mul_i32(sc0, splat_i32(xs_t[16 * b + s])),
+                                                       mul_i32(sc1, splat_i32(xs_t[16 * b + s + 8])))))
+
+
 @jit
-def _group_q6k(out, u, g, xq, xd, xs, t0, nt):
+def _group_q6k(out, u, col, xq, xd, xs, t0, nt):
     """Q6_K: super-blocks of 256, 16 sub-blocks of 16 with int8 scales, weights - 32."""
     numba.literally(nt)
     acc = f32x16_buffer(nt)
@@ -347,59 +375,64 @@ def _group_q6k(out, u, g, xq, xd, xs, t0, nt):
         for t in range(nt):
             put(isum, t, zeros_i32x16())
             put(msum, t, zeros_i32x16())
-        for s in range(8):  # sub-blocks s (low nibbles) and s + 8 (high nibbles)
-            f = s // 4
-            for t in range(nt):
-                put(slo, t, zeros_i32x16())
-                put(shi, t, zeros_i32x16())
-            for c in range(4 * s, 4 * s + 4):
-                v = load_u8x64(u, o + 288 + 64 * c)
-                h = load_u8x64(u, o + 2336 + 64 * (c % 16))
-                lo = or_u8x64(lo_nibbles(v), _q6k_top(h, f))
-                hi = or_u8x64(hi_nibbles(v), _q6k_top(h, f + 2))
-                for t in range(nt):
-                    put(slo, t, dot4(get(slo, t), lo, xq[t0 + t], 256 * b + 4 * c))
-                    put(shi, t, dot4(get(shi, t), hi, xq[t0 + t], 256 * b + 128 + 4 * c))
-            sc0, sc1 = load_i8x16(u, o + 32 + 16 * s), load_i8x16(u, o + 32 + 16 * (s + 8))
-            for t in range(nt):
-                put(isum, t, add_i32(get(isum, t), add_i32(mul_i32(sc0, get(slo, t)), mul_i32(sc1, get(shi, t)))))
-                xs_t = xs[t0 + t]
-                put(msum, t, add_i32(get(msum, t), add_i32(mul_i32(sc0, splat_i32(xs_t[16 * b + s])),
-                                                           mul_i32(sc1, splat_i32(xs_t[16 * b + s + 8])))))
+        _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, 0)
+        _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, 1)
         d = load_f16x16(u, o)
         for t in range(nt):
             s32 = sub_i32(get(isum, t), mul_i32(get(msum, t), splat_i32(32)))
             put(acc, t, fma_f32(mul_f32(d, splat_f32(xd[t0 + t, b])), to_f32(s32), get(acc, t)))
     for t in range(nt):
-        store_f32x16(out[t0 + t], GROUP * g, get(acc, t), min(GROUP, out.shape[1] - GROUP * g))
+        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
 
 
 @jit
-def _group(out, u, g, qtype, xq, xd, xs, xm, t0, nt):
+def _group(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
     numba.literally(nt)
     if qtype == Q4_K:
-        _group_q4k(out, u, g, xq, xd, xs, t0, nt)
+        _group_q4k(out, u, col, xq, xd, xs, t0, nt)
     elif qtype == Q6_K:
-        _group_q6k(out, u, g, xq, xd, xs, t0, nt)
+        _group_q6k(out, u, col, xq, xd, xs, t0, nt)
+    elif qtype == Q8_0:
+        _group_b32(out, u, col, Q8_0, xq, xd, xs, xm, t0, nt)
+    elif qtype == Q4_0:
+        _group_b32(out, u, col, Q4_0, xq, xd, xs, xm, t0, nt)
+    elif qtype == Q4_1:
+        _group_b32(out, u, col, Q4_1, xq, xd, xs, xm, t0, nt)
+    elif qtype == Q5_0:
+        _group_b32(out, u, col, Q5_0, xq, xd, xs, xm, t0, nt)
     else:
-        _group_b32(out, u, g, qtype, xq, xd, xs, xm, t0, nt)
+        _group_b32(out, u, col, Q5_1, xq, xd, xs, xm, t0, nt)
+
+
+@jit
+def _all_tokens(out, col, u, qtype, xq, xd, xs, xm):
+    """One group of rows times every token: tiles of TILE tokens, then the rest one by one."""
+    T = xq.shape[0]
+    t0 = 0
+    while t0 + TILE <= T:
+        _group(out, u, col, qtype, xq, xd, xs, xm, t0, TILE)
+        t0 += TILE
+    while t0 < T:
+        _group(out, u, col, qtype, xq, xd, xs, xm, t0, 1)
+        t0 += 1
 
 
 @pjit
-def _qmatmul_kernel(out, data, qtype, xq, xd, xs, xm, n_threads):
-    G, T = data.shape[0], xq.shape[0]
-    # One contiguous range of groups per thread: the work per group is uniform.
+def _qmatmul_kernel(out0, w0, q0, out1, w1, q1, out2, w2, q2, xq, xd, xs, xm, n_threads):
+    """Up to three products of the same activations (Q, K, V or gate, up) in one parallel
+    region; an unused one has zero groups. Each thread takes one contiguous range of the
+    groups of all three (the work per group is uniform)."""
+    G0, G1 = w0.shape[0], w1.shape[0]
+    G = G0 + G1 + w2.shape[0]
     n_chunks = max(1, min(G, n_threads))
     for c in prange(n_chunks):
         for g in range(c * G // n_chunks, (c + 1) * G // n_chunks):
-            u = data[g]
-            t0 = 0
-            while t0 + TILE <= T:
-                _group(out, u, g, qtype, xq, xd, xs, xm, t0, TILE)
-                t0 += TILE
-            while t0 < T:
-                _group(out, u, g, qtype, xq, xd, xs, xm, t0, 1)
-                t0 += 1
+            if g < G0:
+                _all_tokens(out0, GROUP * g, w0[g], q0, xq, xd, xs, xm)
+            elif g < G0 + G1:
+                _all_tokens(out1, GROUP * (g - G0), w1[g - G0], q1, xq, xd, xs, xm)
+            else:
+                _all_tokens(out2, GROUP * (g - G0 - G1), w2[g - G0 - G1], q2, xq, xd, xs, xm)
 
 
 class QScratch:
@@ -410,30 +443,55 @@ class QScratch:
         self.xd = np.zeros((rows, width // 32), np.float32)  # scale per 32 (per 256 for Q8_K)
         self.xs = np.zeros((rows, width // 16), np.int32)    # sum of every 16 quants
         self.xm = np.zeros((rows, width // 32), np.float32)  # Q8_1: f16(d * block sum)
+        self._views = {}
 
     def views(self, T: int, K: int):
-        """C-contiguous [T, K]-shaped views of the buffers."""
-        return tuple(a.reshape(-1)[:T * (K * a.shape[1] // self.xq.shape[1])].reshape(T, -1)
-                     for a in (self.xq, self.xd, self.xs, self.xm))
+        """C-contiguous views of the buffers for T tokens of K values (made once per shape)."""
+        v = self._views.get((T, K))
+        if v is None:
+            if T > self.xq.shape[0] or K > self.xq.shape[1]:
+                raise ValueError(f"scratch {self.xq.shape} is too small for {(T, K)}")
+            v = self._views[(T, K)] = tuple(a.reshape(-1)[:T * (K // n)].reshape(T, K // n) for a, n in
+                                            ((self.xq, 1), (self.xd, 32), (self.xs, 16), (self.xm, 32)))
+        return v
 
 
-def qmatmul(out: np.ndarray, x: np.ndarray, w: PackedMatrix, scratch: QScratch | None = None) -> np.ndarray:
-    """out[T, N] = x[T, K] @ W.T over a repacked W, x quantized first as llama.cpp does."""
+_NO_OUT = np.zeros((0, 0), np.float32)
+_NO_W = np.zeros((0, GROUP), np.uint8)
+_NO_W.flags.writeable = False  # as every PackedMatrix's data: one compiled signature
+
+
+def scheme(w: PackedMatrix) -> int:
+    """How the activations of a product with w are quantized (products fuse when equal)."""
+    return ACT_SCHEME[w.qtype]
+
+
+def qmatmul(outs, x: np.ndarray, ws, scratch: QScratch | None = None, n_threads: int | None = None):
+    """outs[i][T, N_i] = x[T, K] @ W_i.T over repacked W_i (one PackedMatrix and out, or up to
+    three of each sharing x and its activation quantization), x quantized once as llama.cpp
+    does. Returns outs."""
+    if isinstance(ws, PackedMatrix):
+        outs_l, ws_l = [outs], [ws]
+    else:
+        outs_l, ws_l = list(outs), list(ws)
+    if not 1 <= len(ws_l) <= 3 or len(outs_l) != len(ws_l) or len({scheme(w) for w in ws_l}) != 1:
+        raise ValueError("qmatmul takes 1 to 3 matrices with one activation scheme, and as many outputs")
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError("x must be a 2-D float32 array [T, K]")
     T, K = x.shape
-    if K != w.k:
-        raise ValueError(f"{w.name} takes rows of {w.k} values, x has {K}")
     _check_f32(x, "x", (T, K))
-    if not (isinstance(out, np.ndarray) and out.flags.writeable and out.ndim == 2 and out.dtype == np.float32
-            and out.shape == (T, w.n) and out.strides[1] == 4):
-        raise ValueError(f"out must be a writable float32 array of shape {(T, w.n)} with contiguous rows")
-    if T == 0 or w.n == 0:
-        return out
-    scratch = scratch or QScratch(T, K)
-    if scratch.xq.shape[0] < T or scratch.xq.shape[1] < K:
-        raise ValueError(f"scratch {scratch.xq.shape} is too small for {(T, K)}")
-    xq, xd, xs, xm = scratch.views(T, K)
-    quantize_q8(xq, xd, xs, xm, x, ACT_SCHEME[w.qtype])
-    _qmatmul_kernel(out, w.data, w.qtype, xq, xd, xs, xm, get_num_threads())
-    return out
+    for out, w in zip(outs_l, ws_l):
+        if K != w.k:
+            raise ValueError(f"{w.name} takes rows of {w.k} values, x has {K}")
+        if not (isinstance(out, np.ndarray) and out.flags.writeable and out.ndim == 2 and out.dtype == np.float32
+                and out.shape == (T, w.n) and out.strides[1] == 4):
+            raise ValueError(f"out must be a writable float32 array of shape {(T, w.n)} with contiguous rows")
+    if T:
+        scratch = scratch or QScratch(T, K)
+        xq, xd, xs, xm = scratch.views(T, K)
+        quantize_q8(xq, xd, xs, xm, x, scheme(ws_l[0]))
+        args = []
+        for i in range(3):
+            args += [outs_l[i], ws_l[i].data, ws_l[i].qtype] if i < len(ws_l) else [_NO_OUT, _NO_W, Q8_0]
+        _qmatmul_kernel(*args, xq, xd, xs, xm, n_threads or get_num_threads())
+    return outs
