@@ -23,7 +23,7 @@ from .gguf_file import GGUFFile, Tensor
 from .kernels.cpu import ops
 from .kernels.cpu.attention import attention, scores_buffer
 from .kernels.cpu.matmul import ActScratch, get_rows, matmul
-from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul, scheme
+from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul_unchecked
 
 
 @dataclass
@@ -151,12 +151,12 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
     n_threads = get_num_threads()
 
     def linear(outs, inp, ts):  # outs[i] = inp @ W_i.T for the matrices ts of one input
-        if all(isinstance(t, PackedMatrix) for t in ts) and len({scheme(t) for t in ts}) == 1:
-            qmatmul(outs, inp, ts, s.qact, n_threads)  # one pass: Q/K/V or gate/up fused
+        if all(isinstance(t, PackedMatrix) and t.scheme == ts[0].scheme for t in ts):
+            qmatmul_unchecked(outs, inp, ts, s.qact, n_threads)  # one pass: Q/K/V or gate/up fused
         else:
             for out, t in zip(outs, ts):
                 if isinstance(t, PackedMatrix):
-                    qmatmul(out, inp, t, s.qact, n_threads)
+                    qmatmul_unchecked((out,), inp, (t,), s.qact, n_threads)
                 else:
                     matmul(out, inp, t.raw, t.qtype, s.act)
 

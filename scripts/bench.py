@@ -7,7 +7,9 @@
 `tg N`: N tokens decoded one at a time after a one-token context (tok/s), like llama-bench.
 With --llama-bench, llama.cpp runs on the same file with the same thread count, one repetition
 of each engine in turn (interleaved, so both see the same machine state), and the table
-gives the ratio. Also printed: load time, peak RSS, and decode as GB/s of weights streamed.
+gives the ratio. Each of our repetitions runs in its own process (load, warm-up, pp, tg), so
+our worker threads, which spin between kernels (see numba_apr/_numba.py), are gone while
+llama.cpp runs. Also printed: load time, peak RSS, and decode as GB/s of weights streamed.
 """
 from __future__ import annotations
 
@@ -86,6 +88,21 @@ def weight_bytes(model) -> int:
     return n + size(w.output)
 
 
+def one_repetition(path, a) -> dict:
+    """Load, warm up, and measure pp and tg once (run in a child process)."""
+    import numba_apr
+
+    t = time.perf_counter()
+    model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    ours_once(model, min(a.n_prompt, 8), 2, rng)  # warm-up
+    out = ours_once(model, a.n_prompt, a.n_gen, rng)
+    out.update(load_s=load_s, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               gb=weight_bytes(model) / 1e9)
+    return out
+
+
 def fmt(xs):
     return f"{statistics.mean(xs):8.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:5.1f}"
 
@@ -98,29 +115,33 @@ def main():
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one repetition
     a = ap.parse_args()
 
-    import numba_apr
     from numba_apr.packaged import resolve
 
     path = resolve(a.model)
+    if a.one:  # one repetition of ours, in this (child) process: print it as JSON
+        print(json.dumps(one_repetition(path, a)))
+        return
     if a.llama_bench:
         a.llama_bench = usable_llama_bench(a.llama_bench)
-    t = time.perf_counter()
-    model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads)
-    load_s = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    ours_once(model, min(a.n_prompt, 8), 2, rng)  # warm-up
     ours, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
+    runs = []
     for _ in range(a.repetitions):
-        for k, v in ours_once(model, a.n_prompt, a.n_gen, rng).items():
-            ours[k].append(v)
+        r = subprocess.run([sys.executable, __file__, path, "-p", str(a.n_prompt), "-n", str(a.n_gen),
+                            "-t", str(a.threads), "--one"], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"error: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        for k in ("pp", "tg"):
+            if k in runs[-1]:
+                ours[k].append(runs[-1][k])
         if a.llama_bench:
             for k, v in llama_once(a.llama_bench, path, a.n_prompt, a.n_gen, a.threads).items():
                 theirs[k].append(v)
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gb = weight_bytes(model) / 1e9
+    load_s, rss, gb = min(r["load_s"] for r in runs), max(r["rss_mib"] for r in runs), runs[0]["gb"]
     print(f"model {os.path.basename(path)}  ({os.path.getsize(path) / 2**20:.0f} MiB, "
           f"{gb:.3f} GB of weights per decode step), threads {a.threads}")
     print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB")

@@ -69,6 +69,7 @@ class PackedMatrix:
         data = data.view()
         data.flags.writeable = False  # read-only, mapped from the cache or not: one kernel signature
         self.name, self.qtype, self.n, self.k, self.data = name, int(qtype), n, k, data
+        self.scheme = ACT_SCHEME[self.qtype]  # how activations are quantized for it (products fuse when equal)
 
     @staticmethod
     def nbytes_for(qtype, n: int, k: int) -> int:
@@ -461,11 +462,6 @@ _NO_W = np.zeros((0, GROUP), np.uint8)
 _NO_W.flags.writeable = False  # as every PackedMatrix's data: one compiled signature
 
 
-def scheme(w: PackedMatrix) -> int:
-    """How the activations of a product with w are quantized (products fuse when equal)."""
-    return ACT_SCHEME[w.qtype]
-
-
 def qmatmul(outs, x: np.ndarray, ws, scratch: QScratch | None = None, n_threads: int | None = None):
     """outs[i][T, N_i] = x[T, K] @ W_i.T over repacked W_i (one PackedMatrix and out, or up to
     three of each sharing x and its activation quantization), x quantized once as llama.cpp
@@ -474,7 +470,7 @@ def qmatmul(outs, x: np.ndarray, ws, scratch: QScratch | None = None, n_threads:
         outs_l, ws_l = [outs], [ws]
     else:
         outs_l, ws_l = list(outs), list(ws)
-    if not 1 <= len(ws_l) <= 3 or len(outs_l) != len(ws_l) or len({scheme(w) for w in ws_l}) != 1:
+    if not 1 <= len(ws_l) <= 3 or len(outs_l) != len(ws_l) or len({w.scheme for w in ws_l}) != 1:
         raise ValueError("qmatmul takes 1 to 3 matrices with one activation scheme, and as many outputs")
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError("x must be a 2-D float32 array [T, K]")
@@ -487,11 +483,20 @@ def qmatmul(outs, x: np.ndarray, ws, scratch: QScratch | None = None, n_threads:
                 and out.shape == (T, w.n) and out.strides[1] == 4):
             raise ValueError(f"out must be a writable float32 array of shape {(T, w.n)} with contiguous rows")
     if T:
-        scratch = scratch or QScratch(T, K)
-        xq, xd, xs, xm = scratch.views(T, K)
-        quantize_q8(xq, xd, xs, xm, x, scheme(ws_l[0]))
-        args = []
-        for i in range(3):
-            args += [outs_l[i], ws_l[i].data, ws_l[i].qtype] if i < len(ws_l) else [_NO_OUT, _NO_W, Q8_0]
-        _qmatmul_kernel(*args, xq, xd, xs, xm, n_threads or get_num_threads())
+        qmatmul_unchecked(outs_l, x, ws_l, scratch or QScratch(T, K), n_threads or get_num_threads())
     return outs
+
+
+def qmatmul_unchecked(outs, x, ws, scratch: QScratch, n_threads: int) -> None:
+    """`qmatmul` for callers whose shapes are right by construction (the model's forward: every
+    matrix was shape-checked at load and the RunState is sized from the same Config): 1 to 3
+    matrices of one activation scheme, no checks, a few microseconds less per product."""
+    T, K = x.shape
+    xq, xd, xs, xm = scratch.views(T, K)
+    quantize_q8(xq, xd, xs, xm, x, ws[0].scheme)
+    n = len(ws)
+    w1, w2 = ws[1] if n > 1 else None, ws[2] if n > 2 else None
+    _qmatmul_kernel(outs[0], ws[0].data, ws[0].qtype,
+                    outs[1] if w1 else _NO_OUT, w1.data if w1 else _NO_W, w1.qtype if w1 else Q8_0,
+                    outs[2] if w2 else _NO_OUT, w2.data if w2 else _NO_W, w2.qtype if w2 else Q8_0,
+                    xq, xd, xs, xm, n_threads)
