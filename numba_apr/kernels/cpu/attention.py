@@ -33,11 +33,15 @@ def _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head
             start = 0 if window <= 0 else max(0, p - window + 1)
             n = p + 1 - start
             qo, ko, vo, oo = h * head_dim, kvh * head_dim, kvh * head_dim_v, h * head_dim_v
+            # (Row slices, indexed from 0: Numba then knows the indices are not negative and
+            # emits no wraparound code, so the loops vectorise.)
+            qv = q[t, qo:qo + head_dim]
             m = -np.inf
             for j in range(n):
+                kv = k_cache[start + j, ko:ko + head_dim]
                 s = np.float32(0.0)
                 for d in range(head_dim):
-                    s += q[t, qo + d] * k_cache[start + j, ko + d]
+                    s += qv[d] * kv[d]
                 s *= np.float32(scale)
                 sc[j] = s
                 m = max(m, s)

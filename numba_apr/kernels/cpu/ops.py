@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..._numba import jit, pjit, prange
-from ...quants import _to_f16
+from ...quants import _bits_f32, _to_f16
 
 GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -94,18 +94,44 @@ def scale(x, s):
             x[r, i] *= np.float32(s)
 
 
+@jit(inline="always")
+def _expf(x):
+    """exp(x) for float32 x, within 2 ulp, in plain arithmetic that LLVM vectorises (a libm
+    call per element does not): exp(x) = 2^k exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r)
+    by its degree-6 Taylor polynomial, 2^k put in the exponent bits. Below -87.3 it flushes to 0
+    (where exp underflows float32 anyway)."""
+    x = min(max(x, np.float32(-87.3)), np.float32(88.7))
+    k = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)  # ln2 in two parts
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _bits_f32(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
+
+
 @pjit
 def gated_act(gate, up, gelu):
-    """gate = act(gate) * up, in place: SwiGLU (SiLU) or GeGLU (GELU, tanh approximation)."""
-    for r in prange(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[r, i]
-            if gelu:
+    """gate = act(gate) * up, in place: SwiGLU (SiLU) or GeGLU (GELU, tanh approximation).
+    Split over rows and column blocks, so one decoding token uses every thread too."""
+    rows, n = gate.shape
+    nb = (n + 1023) // 1024
+    for rb in prange(rows * nb):
+        r, b = rb // nb, rb % nb
+        g_row, u_row = gate[r, b * 1024:min(n, b * 1024 + 1024)], up[r, b * 1024:min(n, b * 1024 + 1024)]
+        if gelu:
+            for i in range(g_row.shape[0]):
+                g = g_row[i]
                 a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
                     np.float32(GELU_C) * g * (np.float32(1.0) + np.float32(0.044715) * g * g)))
-            else:
-                a = g / (np.float32(1.0) + np.exp(-g))
-            gate[r, i] = a * up[r, i]
+                g_row[i] = a * u_row[i]
+        else:
+            for i in range(g_row.shape[0]):
+                g = g_row[i]
+                g_row[i] = g / (np.float32(1.0) + _expf(-g)) * u_row[i]
 
 
 def gated_act_ref(gate, up, gelu):
