@@ -40,11 +40,12 @@ from ..._numba import jit, pjit, prange
 from ...quants import _nearest, _to_f16
 from .matmul import ACT_Q8_1, ACT_Q8_K, ACT_SCHEME, _check_f32, _check_weights
 from .simd import (add_i32, dot4, f32x16_buffer, fma_f32, get, hi_nibbles, i32x16_buffer, load_f16x16,
-                   load_i8x16, load_u8x16, load_u8x64, lo_nibbles, mul_f32, mul_i32, or_u8x64, put, shl_u8,
+                   load_i8x16, load_u8x16, load_u8x64, lo_nibbles, mul_f32, mul_i32, or_u8x64, prefetch, put, shl_u8,
                    shr_u8, and_u8, splat_f32, splat_i32, store_f32x16, sub_i32, to_f32, zeros_f32x16,
                    zeros_i32x16)
 
 GROUP = 16   # weight rows interleaved together: one int32 lane each
+PREFETCH = 8192  # bytes ahead of the loads that the kernels ask the cache for (past the end is harmless)
 TILE = 8     # prompt tokens per pass over a group's weights
 
 _Q = GGMLQuantizationType
@@ -263,12 +264,15 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
             put(isum, t, zeros_i32x16())
         if qtype == Q8_0:
             for c in range(8):
+                prefetch(u, o + PREFETCH + qo + 64 * c)
                 v = load_u8x64(u, o + qo + 64 * c)
                 for t in range(nt):
                     put(isum, t, dot4(get(isum, t), v, xq[t0 + t], 32 * b + 4 * c))
         else:
             hb = load_u8x64(u, o + qo - 64) if five else load_u8x64(u, o)
+            prefetch(u, o + PREFETCH)
             for c in range(4):
+                prefetch(u, o + PREFETCH + qo + 64 * c)
                 v = load_u8x64(u, o + qo + 64 * c)
                 lo, hi = lo_nibbles(v), hi_nibbles(v)
                 if five:
@@ -310,6 +314,7 @@ def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
                 put(shi, t, zeros_i32x16())
             xo = 256 * b + 64 * jj
             for c in range(8):
+                prefetch(u, o + PREFETCH + 320 + 64 * (8 * jj + c))
                 v = load_u8x64(u, o + 320 + 64 * (8 * jj + c))
                 lo, hi = lo_nibbles(v), hi_nibbles(v)
                 for t in range(nt):
@@ -347,6 +352,7 @@ def _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, f):
             put(slo, t, zeros_i32x16())
             put(shi, t, zeros_i32x16())
         for c in range(4 * s, 4 * s + 4):
+            prefetch(u, o + PREFETCH + 288 + 64 * c)
             v = load_u8x64(u, o + 288 + 64 * c)
             h = load_u8x64(u, o + 2336 + 64 * (c - 16 * f))
             lo = or_u8x64(lo_nibbles(v), _q6k_top(h, f))

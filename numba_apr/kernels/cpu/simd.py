@@ -145,6 +145,22 @@ def store_f32x16(typingctx, ary, off, v, n):
     return types.none(ary, off, v, n), codegen
 
 
+@intrinsic
+def prefetch(typingctx, ary, off):
+    """Hint the cache line holding ary[off] into the cache (never faults, even past the end)."""
+    if not (isinstance(ary, types.Array) and ary.ndim == 1 and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [args[1]], source_etype=context.get_data_type(sig.args[0].dtype))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return types.none(ary, off), codegen
+
+
 # ---------------------------------------------------------------------------------------------
 # Byte operations.
 
