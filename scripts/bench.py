@@ -7,7 +7,8 @@
 `tg N`: N tokens decoded one at a time after a one-token context (tok/s), like llama-bench.
 With --llama-bench, llama.cpp runs on the same file with the same thread count, one repetition
 of each engine in turn (interleaved, so both see the same machine state), and the table
-gives the ratio. Each of our repetitions runs in its own process (load, warm-up, pp, tg), so
+gives the ratio. The machine's read bandwidth is measured too (as anchors.md does), and decode is
+shown as GB/s of weights streamed and as a fraction of it. Each of our repetitions runs in its own process (load, warm-up, pp, tg), so
 our worker threads, which spin between kernels (see numba_apr/_numba.py), are gone while
 llama.cpp runs. Also printed: load time, peak RSS, and decode as GB/s of weights streamed.
 """
@@ -41,6 +42,41 @@ def ours_once(model, n_prompt, n_gen, rng):
             model._decode(int(tok))
         out["tg"] = n_gen / (time.perf_counter() - t)
     return out
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> tuple[float, float]:
+    """This machine's memory read bandwidth (GB/s), best of a few passes of an int32 sum over
+    1 GiB, one contiguous chunk per thread: (as anchors.md measures it, the same sum asking for
+    each cache line 8 KiB ahead as our kernels do). On a VM whose hardware prefetch is weak the
+    second is much the higher."""
+    import numba
+
+    from numba_apr.kernels.cpu.simd import prefetch
+
+    @numba.njit(parallel=True, cache=True)
+    def chunk_sums(a, n_chunks, ahead):
+        out = np.zeros(n_chunks, np.int64)
+        for c in numba.prange(n_chunks):
+            lo, hi = c * a.size // n_chunks // 16 * 16, (c + 1) * a.size // n_chunks // 16 * 16
+            s = np.int32(0)
+            for i in range(lo, hi, 16):
+                if ahead:
+                    prefetch(a, i + 2048)
+                for j in range(16):
+                    s += a[i + j]
+            out[c] = s
+        return out
+
+    a = np.ones(int(gib * 2**30) // 4, np.int32)
+    n = numba.get_num_threads()
+    best = [0.0, 0.0]
+    for k, ahead in enumerate((False, True)):
+        chunk_sums(a, n, ahead)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            chunk_sums(a, n, ahead)
+            best[k] = max(best[k], a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best[0], best[1]
 
 
 def usable_llama_bench(path: str) -> str:
@@ -142,9 +178,11 @@ def main():
                 theirs[k].append(v)
 
     load_s, rss, gb = min(r["load_s"] for r in runs), max(r["rss_mib"] for r in runs), runs[0]["gb"]
+    bw = read_bandwidth()
     print(f"model {os.path.basename(path)}  ({os.path.getsize(path) / 2**20:.0f} MiB, "
           f"{gb:.3f} GB of weights per decode step), threads {a.threads}")
-    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB")
+    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB; memory read bandwidth {bw[0]:.1f} GB/s "
+          f"(plain sum), {bw[1]:.1f} GB/s (with prefetch)")
     head = f"{'test':>8} | {'numba_apr tok/s':>17}"
     if a.llama_bench:
         head += f" | {'llama.cpp tok/s':>17} | ratio"
@@ -156,7 +194,7 @@ def main():
         if theirs[k]:
             line += f" | {fmt(theirs[k])} | {statistics.mean(ours[k]) / statistics.mean(theirs[k]):.2f}x"
         if k == "tg":
-            line += f"   ({statistics.mean(ours[k]) * gb:.1f} GB/s of weights)"
+            line += f"   ({statistics.mean(ours[k]) * gb:.1f} GB/s of weights, {statistics.mean(ours[k]) * gb / bw[1]:.0%} of the prefetching sum)"
         print(line)
 
 
