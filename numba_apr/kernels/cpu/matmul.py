@@ -11,8 +11,8 @@ prefill reads and decodes each weight byte once for the whole batch, and nothing
 N x K is ever allocated. The dots are float32 with fastmath reassociation so that LLVM turns
 each one into vector FMAs over K, one (token, row) pair at a time through the same code, so a
 token's result never depends on the batch it came in. Activations are first quantized to 8
-bits exactly as llama.cpp does (see ACT_SCHEME). (Integer dots over repacked blocks, without
-the float decode, are the fast path still to come.)
+bits exactly as llama.cpp does (see ACT_SCHEME). This is the plain path, for the types that
+qmatmul.py (integer dots over repacked weights, the fast path) does not repack.
 
 Each kernel has a float64 NumPy reference (`*_ref`) built on gguf-py's decoder: the tests' oracle.
 Numba kernels have no bounds checks, so the Python wrappers validate shapes and dtypes first.
@@ -76,9 +76,9 @@ ACT_SCHEME = {_Q.Q8_0: ACT_Q8_0, _Q.Q4_0: ACT_Q8_0, _Q.Q5_0: ACT_Q8_0, _Q.Q4_1: 
 
 
 @pjit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding
-def quantize_act(xq, corr, x, scheme):
-    """xq = x quantized as llama.cpp does for `scheme`, then dequantized. For ACT_Q8_1, corr[t, b]
-    = (f16 block sum) - (the sum of xq's block): the product adds min[b] * corr[t, b]."""
+def quantize_q8(xq, xd, xs, xm, x, scheme):
+    """xq[t] = x[t] as int8, with per-block scales xd[t] (per 32, or per 256 for Q8_K), int sums
+    of every 16 quants xs[t] and, for Q8_1, llama.cpp's f16 block sums d * sum(q) in xm[t]."""
     T, K = x.shape
     for t in prange(T):
         if scheme == ACT_Q8_K:
@@ -91,14 +91,14 @@ def quantize_act(xq, corr, x, scheme):
                     if a > amax:
                         amax, vmax = a, x[t, o + i]
                 if amax == 0.0:
+                    xd[t, b] = 0.0
                     for i in range(256):
-                        xq[t, o + i] = 0.0
+                        xq[t, o + i] = 0
                     continue
                 iscale = np.float32(-127.0) / vmax
-                d = np.float32(1.0) / iscale
                 for i in range(256):
-                    q = min(127.0, np.float32(_nearest(np.float32(iscale * x[t, o + i]))))
-                    xq[t, o + i] = np.float32(q) * d
+                    xq[t, o + i] = min(127, _nearest(np.float32(iscale * x[t, o + i])))
+                xd[t, b] = np.float32(1.0) / iscale
         else:
             for b in range(K // 32):
                 o = b * 32
@@ -107,14 +107,40 @@ def quantize_act(xq, corr, x, scheme):
                     amax = max(amax, abs(x[t, o + i]))
                 d = amax / np.float32(127.0)
                 inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-                d16 = _to_f16(d)
-                qsum = 0.0
+                qsum = 0
                 for i in range(32):
-                    q = np.float32(_nearest(np.float32(x[t, o + i] * inv)))
+                    q = _nearest(np.float32(x[t, o + i] * inv))
                     qsum += q
-                    xq[t, o + i] = np.float32(q) * d16
+                    xq[t, o + i] = q
+                xd[t, b] = _to_f16(d)
                 if scheme == ACT_Q8_1:
-                    corr[t, b] = _to_f16(np.float32(d * qsum)) - np.float32(d16 * qsum)
+                    xm[t, b] = _to_f16(np.float32(d * np.float32(qsum)))
+        for s in range(K // 16):
+            a = 0
+            for i in range(16):
+                a += np.int32(xq[t, 16 * s + i])
+            xs[t, s] = a
+
+
+@pjit(fastmath=False)  # each value one rounding, as llama.cpp's dequantized view
+def _dequantize_act(xf, corr, xq, xd, xs, xm, scheme):
+    T, K = xq.shape
+    for t in prange(T):
+        for i in range(K):
+            xf[t, i] = np.float32(xq[t, i]) * xd[t, i // 256 if scheme == ACT_Q8_K else i // 32]
+        if scheme == ACT_Q8_1:
+            for b in range(K // 32):
+                corr[t, b] = xm[t, b] - np.float32(xd[t, b] * np.float32(xs[t, 2 * b] + xs[t, 2 * b + 1]))
+
+
+def quantize_act(xf, corr, x, scheme, q8: "QScratch | None" = None):
+    """xf = x quantized as llama.cpp does for `scheme` (quantize_q8), then dequantized. For
+    ACT_Q8_1, corr[t, b] = (f16 block sum) - (the sum of xf's block): the product adds
+    min[b] * corr[t, b]. `q8` holds the int8 stage (allocated here when not given)."""
+    T, K = x.shape
+    xq, xd, xs, xm = (q8 or QScratch(T, K)).views(T, K)
+    quantize_q8(xq, xd, xs, xm, x, scheme)
+    _dequantize_act(xf, corr, xq, xd, xs, xm, scheme)
 
 
 @jit(inline="always")
@@ -193,11 +219,33 @@ def _check_f32(a: np.ndarray, what: str, shape: tuple[int, int]):
         raise ValueError(f"{what} must be C-contiguous float32 of shape {shape}, got {got}")
 
 
+class QScratch:
+    """The int8 activations of up to `rows` tokens of up to `width` values, allocated once."""
+
+    def __init__(self, rows: int, width: int):
+        self.xq = np.zeros((rows, width), np.int8)           # quants
+        self.xd = np.zeros((rows, width // 32), np.float32)  # scale per 32 (per 256 for Q8_K)
+        self.xs = np.zeros((rows, width // 16), np.int32)    # sum of every 16 quants
+        self.xm = np.zeros((rows, width // 32), np.float32)  # Q8_1: f16(d * block sum)
+        self._views = {}
+
+    def views(self, T: int, K: int):
+        """C-contiguous views of the buffers for T tokens of K values (made once per shape)."""
+        v = self._views.get((T, K))
+        if v is None:
+            if T > self.xq.shape[0] or K > self.xq.shape[1]:
+                raise ValueError(f"scratch {self.xq.shape} is too small for {(T, K)}")
+            v = self._views[(T, K)] = tuple(a.reshape(-1)[:T * (K // n)].reshape(T, K // n) for a, n in
+                                            ((self.xq, 1), (self.xd, 32), (self.xs, 16), (self.xm, 32)))
+        return v
+
+
 class ActScratch:
     """What a product needs besides its operands, allocated once: the quantized activations of
     up to `rows` tokens of up to `width` values, and each thread's tile of decoded weights."""
 
     def __init__(self, rows: int, width: int):
+        self.q8 = QScratch(rows, width)                      # the int8 stage
         self.xq = np.zeros((rows, width), np.float32)        # activations, quantized + dequantized
         self.corr = np.zeros((rows, width // 32), np.float32)  # Q8_1 block-sum corrections
         # [thread, tile_rows x width] decoded weight rows; sized for the most threads Numba allows.
@@ -229,7 +277,7 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype,
             if not xq.flags.c_contiguous:  # a narrower product than the scratch was made for
                 xq = scratch.xq.reshape(-1)[:T * K].reshape(T, K)
                 corr = scratch.corr.reshape(-1)[:T * (K // 32)].reshape(T, K // 32)
-            quantize_act(xq, corr, x, scheme)
+            quantize_act(xq, corr, x, scheme, scratch.q8)
             x = xq
         else:
             corr = _NO_CORR

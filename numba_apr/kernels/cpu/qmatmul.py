@@ -37,8 +37,7 @@ from gguf import GGMLQuantizationType
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
-from ...quants import _nearest, _to_f16
-from .matmul import ACT_Q8_1, ACT_Q8_K, ACT_SCHEME, _check_f32, _check_weights
+from .matmul import ACT_SCHEME, QScratch, _check_f32, _check_weights, quantize_q8  # noqa: F401 (QScratch re-exported)
 from .simd import (add_i32, dot4, f32x16_buffer, fma_f32, get, hi_nibbles, i32x16_buffer, load_f16x16,
                    load_i8x16, load_u8x16, load_u8x64, lo_nibbles, mul_f32, mul_i32, or_u8x64, prefetch, put, shl_u8,
                    shr_u8, and_u8, splat_f32, splat_i32, store_f32x16, sub_i32, to_f32, zeros_f32x16,
@@ -187,57 +186,6 @@ def repack(name: str, raw: np.ndarray, qtype, k: int, out: np.ndarray | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations as int8, quantized exactly as llama.cpp's quantize_row_q8_{0,1,K}.
-
-
-@pjit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding
-def quantize_q8(xq, xd, xs, xm, x, scheme):
-    """xq[t] = x[t] as int8, with per-block scales xd[t] (per 32, or per 256 for Q8_K), int sums
-    of every 16 quants xs[t] and, for Q8_1, llama.cpp's f16 block sums d * sum(q) in xm[t]."""
-    T, K = x.shape
-    for t in prange(T):
-        if scheme == ACT_Q8_K:
-            for b in range(K // 256):
-                o = b * 256
-                amax = np.float32(0.0)
-                vmax = np.float32(0.0)
-                for i in range(256):
-                    a = abs(x[t, o + i])
-                    if a > amax:
-                        amax, vmax = a, x[t, o + i]
-                if amax == 0.0:
-                    xd[t, b] = 0.0
-                    for i in range(256):
-                        xq[t, o + i] = 0
-                    continue
-                iscale = np.float32(-127.0) / vmax
-                for i in range(256):
-                    xq[t, o + i] = min(127, _nearest(np.float32(iscale * x[t, o + i])))
-                xd[t, b] = np.float32(1.0) / iscale
-        else:
-            for b in range(K // 32):
-                o = b * 32
-                amax = np.float32(0.0)
-                for i in range(32):
-                    amax = max(amax, abs(x[t, o + i]))
-                d = amax / np.float32(127.0)
-                inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-                qsum = 0
-                for i in range(32):
-                    q = _nearest(np.float32(x[t, o + i] * inv))
-                    qsum += q
-                    xq[t, o + i] = q
-                xd[t, b] = _to_f16(d)
-                if scheme == ACT_Q8_1:
-                    xm[t, b] = _to_f16(np.float32(d * np.float32(qsum)))
-        for s in range(K // 16):
-            a = 0
-            for i in range(16):
-                a += np.int32(xq[t, 16 * s + i])
-            xs[t, s] = a
-
-
-# ---------------------------------------------------------------------------------------------
 # One group of 16 rows times a tile of `nt` tokens (nt is a compile-time constant: the
 # accumulators of the tile are then registers). out[t0 + t, 16g : 16g + 16] for t < nt.
 
@@ -294,6 +242,23 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
         store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
 
 
+@jit(inline="always")
+def _zero(bufs_nt, a, b):
+    """a[t] = b[t] = 0 for the tile's nt tokens."""
+    for t in range(bufs_nt):
+        put(a, t, zeros_i32x16())
+        put(b, t, zeros_i32x16())
+
+
+@jit(inline="always")
+def _add_scaled(isum, msum, slo, shi, sc0, sc1, m0, m1, s0, s1, t):
+    """For token t of a tile: isum += sc0 * slo + sc1 * shi (two sub-blocks' dots times their
+    per-row scales) and msum += m0 * s0 + m1 * s1 (per-row mins or scales times the
+    activations' sub-block sums: the min or offset term)."""
+    put(isum, t, add_i32(get(isum, t), add_i32(mul_i32(sc0, get(slo, t)), mul_i32(sc1, get(shi, t)))))
+    put(msum, t, add_i32(get(msum, t), add_i32(mul_i32(m0, splat_i32(s0)), mul_i32(m1, splat_i32(s1)))))
+
+
 @jit
 def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
     """Q4_K: super-blocks of 256, 8 sub-blocks of 32 with 6-bit scales and mins."""
@@ -305,13 +270,9 @@ def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
         put(acc, t, zeros_f32x16())
     for b in range(xq.shape[1] // 256):
         o = b * 2368
-        for t in range(nt):
-            put(isum, t, zeros_i32x16())
-            put(msum, t, zeros_i32x16())
+        _zero(nt, isum, msum)
         for jj in range(4):  # sub-blocks 2jj (low nibbles) and 2jj+1 (high nibbles)
-            for t in range(nt):
-                put(slo, t, zeros_i32x16())
-                put(shi, t, zeros_i32x16())
+            _zero(nt, slo, shi)
             xo = 256 * b + 64 * jj
             for c in range(8):
                 prefetch(u, o + PREFETCH + 320 + 64 * (8 * jj + c))
@@ -323,11 +284,10 @@ def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
             sc0, sc1 = load_u8x16(u, o + 64 + 32 * jj), load_u8x16(u, o + 80 + 32 * jj)
             m0, m1 = load_u8x16(u, o + 192 + 32 * jj), load_u8x16(u, o + 208 + 32 * jj)
             for t in range(nt):
-                put(isum, t, add_i32(get(isum, t), add_i32(mul_i32(sc0, get(slo, t)), mul_i32(sc1, get(shi, t)))))
                 xs_t = xs[t0 + t]
-                s0 = xs_t[16 * b + 4 * jj] + xs_t[16 * b + 4 * jj + 1]
-                s1 = xs_t[16 * b + 4 * jj + 2] + xs_t[16 * b + 4 * jj + 3]
-                put(msum, t, add_i32(get(msum, t), add_i32(mul_i32(m0, splat_i32(s0)), mul_i32(m1, splat_i32(s1)))))
+                _add_scaled(isum, msum, slo, shi, sc0, sc1, m0, m1,
+                            xs_t[16 * b + 4 * jj] + xs_t[16 * b + 4 * jj + 1],
+                            xs_t[16 * b + 4 * jj + 2] + xs_t[16 * b + 4 * jj + 3], t)
         d, dmin = load_f16x16(u, o), load_f16x16(u, o + 32)
         for t in range(nt):
             dx = splat_f32(xd[t0 + t, b])
@@ -348,9 +308,7 @@ def _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, f):
     """Sub-blocks 4f..4f+3 (low nibbles) and 8+4f.. (high) of super-block b; f is a constant
     (0 or 1) once inlined, so the bit shifts are immediates."""
     for s in range(4 * f, 4 * f + 4):
-        for t in range(nt):
-            put(slo, t, zeros_i32x16())
-            put(shi, t, zeros_i32x16())
+        _zero(nt, slo, shi)
         for c in range(4 * s, 4 * s + 4):
             prefetch(u, o + PREFETCH + 288 + 64 * c)
             v = load_u8x64(u, o + 288 + 64 * c)
@@ -362,10 +320,7 @@ def _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, f):
                 put(shi, t, dot4(get(shi, t), hi, xq[t0 + t], 256 * b + 128 + 4 * c))
         sc0, sc1 = load_i8x16(u, o + 32 + 16 * s), load_i8x16(u, o + 32 + 16 * (s + 8))
         for t in range(nt):
-            put(isum, t, add_i32(get(isum, t), add_i32(mul_i32(sc0, get(slo, t)), mul_i32(sc1, get(shi, t)))))
-            xs_t = xs[t0 + t]
-            put(msum, t, add_i32(get(msum, t), add_i32(mul_i32(sc0, splat_i32(xs_t[16 * b + s])),
-                                                       mul_i32(sc1, splat_i32(xs_t[16 * b + s + 8])))))
+            _add_scaled(isum, msum, slo, shi, sc0, sc1, sc0, sc1, xs[t0 + t, 16 * b + s], xs[t0 + t, 16 * b + s + 8], t)
 
 
 @jit
@@ -379,9 +334,7 @@ def _group_q6k(out, u, col, xq, xd, xs, t0, nt):
         put(acc, t, zeros_f32x16())
     for b in range(xq.shape[1] // 256):
         o = b * 3360
-        for t in range(nt):
-            put(isum, t, zeros_i32x16())
-            put(msum, t, zeros_i32x16())
+        _zero(nt, isum, msum)
         _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, 0)
         _q6k_half(u, o, xq, xs, b, t0, nt, isum, msum, slo, shi, 1)
         d = load_f16x16(u, o)
@@ -440,27 +393,6 @@ def _qmatmul_kernel(out0, w0, q0, out1, w1, q1, out2, w2, q2, xq, xd, xs, xm, n_
                 _all_tokens(out1, GROUP * (g - G0), w1[g - G0], q1, xq, xd, xs, xm)
             else:
                 _all_tokens(out2, GROUP * (g - G0 - G1), w2[g - G0 - G1], q2, xq, xd, xs, xm)
-
-
-class QScratch:
-    """The int8 activations of up to `rows` tokens of up to `width` values, allocated once."""
-
-    def __init__(self, rows: int, width: int):
-        self.xq = np.zeros((rows, width), np.int8)           # quants
-        self.xd = np.zeros((rows, width // 32), np.float32)  # scale per 32 (per 256 for Q8_K)
-        self.xs = np.zeros((rows, width // 16), np.int32)    # sum of every 16 quants
-        self.xm = np.zeros((rows, width // 32), np.float32)  # Q8_1: f16(d * block sum)
-        self._views = {}
-
-    def views(self, T: int, K: int):
-        """C-contiguous views of the buffers for T tokens of K values (made once per shape)."""
-        v = self._views.get((T, K))
-        if v is None:
-            if T > self.xq.shape[0] or K > self.xq.shape[1]:
-                raise ValueError(f"scratch {self.xq.shape} is too small for {(T, K)}")
-            v = self._views[(T, K)] = tuple(a.reshape(-1)[:T * (K // n)].reshape(T, K // n) for a, n in
-                                            ((self.xq, 1), (self.xd, 32), (self.xs, 16), (self.xm, 32)))
-        return v
 
 
 _NO_OUT = np.zeros((0, 0), np.float32)
