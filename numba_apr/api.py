@@ -55,7 +55,7 @@ class Model:
         progress(0.4, "checking tensors")
         self.weights = load_weights(self.gguf, self.config)
         progress(0.45, "repacking weights")
-        if not os.environ.get("NUMBA_APR_NOPACK"):
+        if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
             pack_weights(self.gguf, self.weights)
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
         self.state = RunState(self.config, self.n_ctx, min(N_BATCH, self.n_ctx))
