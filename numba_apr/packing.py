@@ -106,8 +106,14 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
         if path is not None:
             try:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(total,))
+                with open(tmp, "wb") as f:
+                    # Reserve the blocks now: a full disk then fails here, with OSError,
+                    # not later as SIGBUS on a write through the map.
+                    os.posix_fallocate(f.fileno(), 0, total)
+                out = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(total,))
             except OSError:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
                 out, tmp = None, None
         if out is None:
             out = np.empty(total, np.uint8)

@@ -70,6 +70,19 @@ def _put_half(out, o, f):
 # Block quantizers: the block whose first value is x[xo] goes to out[oo : oo + type_size].
 
 
+@jit(inline="always")
+def _signed_absmax(x, xo, n):
+    """(the first of x[xo:xo+n] with the largest magnitude, that magnitude)."""
+    m = _F(0.0)
+    amax = _F(0.0)
+    for j in range(n):
+        v = x[_U(xo + j)]
+        if abs(v) > amax:
+            amax = abs(v)
+            m = v
+    return m, amax
+
+
 @jit(**_EXACT)
 def _q8_0_block(x, xo, out, oo):
     # 34 bytes: f16 d, 32 x int8; d = max|x| / 127, q = round(x / d) (ties away from zero)
@@ -94,13 +107,7 @@ def _q5_0_block(x, xo, out, oo):
     # in the low nibble of byte j, value j + 16 in its high nibble); x = d * (q - 16).
     # d = m / -16 where m is the value of largest magnitude: m lands on q = 0, the end of the
     # range with room for it (-16), so every value of the range is usable.
-    m = _F(0.0)
-    amax = _F(0.0)
-    for j in range(32):
-        v = x[_U(xo + j)]
-        if abs(v) > amax:
-            amax = abs(v)
-            m = v
+    m, amax = _signed_absmax(x, xo, 32)
     d = m / _F(-16.0)
     inv = _F(1.0) / d if d != _F(0.0) else _F(0.0)
     _put_half(out, oo, d)
@@ -253,13 +260,7 @@ def _fit_symmetric(x, xo, nmax, nstep):
     it); then inverse scales -(nmax + k * 0.9 / h) / m for k = +-1..+-h, h = nstep // 2, are
     tried (llama.cpp: nstep = 18, steps of 0.1). Each is scored by its least-squares scale
     sum(w q x) / sum(w q^2), whose error falls as sum(w q x)^2 / sum(w q^2) rises."""
-    m = _F(0.0)
-    amax = _F(0.0)
-    for i in range(16):
-        v = x[_U(xo + i)]
-        if abs(v) > amax:
-            amax = abs(v)
-            m = v
+    m, amax = _signed_absmax(x, xo, 16)
     if amax < _F(1e-15):
         return _F(0.0)
     fmax = _F(nmax)

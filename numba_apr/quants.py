@@ -320,11 +320,8 @@ def _dq_q5_1(src, so, dst, do, bs):
 
 
 @jit(inline="always")
-def _dq_q4_k(src, so, dst, do, bs):
-    # 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32,
-    # 128 bytes of nibbles: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and 2c+1 (high).
-    # x = d * scale * q - dmin * min. One loop over j does all 8 sub-blocks (8 outputs per
-    # byte position), so the loop's fixed cost (overlap check, remainder) is paid once a block.
+def _k4_scales(src, so):
+    """The 8 sub-block scales d * scale and mins dmin * min of the Q4_K / Q5_K block at `so`."""
     d = _f16(src, so)
     dmin = _f16(src, so + 2)
     s0, m0 = _scale_min_k4(src, so + 4, 0)
@@ -335,9 +332,17 @@ def _dq_q4_k(src, so, dst, do, bs):
     s5, m5 = _scale_min_k4(src, so + 4, 5)
     s6, m6 = _scale_min_k4(src, so + 4, 6)
     s7, m7 = _scale_min_k4(src, so + 4, 7)
-    d0, d1, d2, d3, d4, d5, d6, d7 = d * s0, d * s1, d * s2, d * s3, d * s4, d * s5, d * s6, d * s7
-    n0, n1, n2, n3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
-    n4, n5, n6, n7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
+    return (d * s0, d * s1, d * s2, d * s3, d * s4, d * s5, d * s6, d * s7,
+            dmin * m0, dmin * m1, dmin * m2, dmin * m3, dmin * m4, dmin * m5, dmin * m6, dmin * m7)
+
+
+@jit(inline="always")
+def _dq_q4_k(src, so, dst, do, bs):
+    # 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32,
+    # 128 bytes of nibbles: bytes 32c..32c+31 hold sub-block 2c (low nibbles) and 2c+1 (high).
+    # x = d * scale * q - dmin * min. One loop over j does all 8 sub-blocks (8 outputs per
+    # byte position), so the loop's fixed cost (overlap check, remainder) is paid once a block.
+    d0, d1, d2, d3, d4, d5, d6, d7, n0, n1, n2, n3, n4, n5, n6, n7 = _k4_scales(src, so)
     q = so + 16
     for j in range(bs >> 3):
         b = src[_U(q + j)]
@@ -358,19 +363,7 @@ def _dq_q4_k(src, so, dst, do, bs):
 def _dq_q5_k(src, so, dst, do, bs):
     # 176 bytes: as Q4_K, plus 32 bytes qh after the scales (bytes 16..47): bit s of qh[j] is
     # the 5th bit of element j of sub-block s. Nibbles follow at byte 48. One loop, as Q4_K.
-    d = _f16(src, so)
-    dmin = _f16(src, so + 2)
-    s0, m0 = _scale_min_k4(src, so + 4, 0)
-    s1, m1 = _scale_min_k4(src, so + 4, 1)
-    s2, m2 = _scale_min_k4(src, so + 4, 2)
-    s3, m3 = _scale_min_k4(src, so + 4, 3)
-    s4, m4 = _scale_min_k4(src, so + 4, 4)
-    s5, m5 = _scale_min_k4(src, so + 4, 5)
-    s6, m6 = _scale_min_k4(src, so + 4, 6)
-    s7, m7 = _scale_min_k4(src, so + 4, 7)
-    d0, d1, d2, d3, d4, d5, d6, d7 = d * s0, d * s1, d * s2, d * s3, d * s4, d * s5, d * s6, d * s7
-    n0, n1, n2, n3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
-    n4, n5, n6, n7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
+    d0, d1, d2, d3, d4, d5, d6, d7, n0, n1, n2, n3, n4, n5, n6, n7 = _k4_scales(src, so)
     h = so + 16
     q = so + 48
     for j in range(bs >> 3):

@@ -190,6 +190,19 @@ def repack(name: str, raw: np.ndarray, qtype, k: int, out: np.ndarray | None = N
 # accumulators of the tile are then registers). out[t0 + t, 16g : 16g + 16] for t < nt.
 
 
+@jit(inline="always")
+def _zero_f(acc, nt):
+    for t in range(nt):
+        put(acc, t, zeros_f32x16())
+
+
+@jit(inline="always")
+def _store_tile(out, col, acc, t0, nt):
+    """out[t0 + t, col : col + 16] = acc[t] for the tile's tokens (fewer columns at the end)."""
+    for t in range(nt):
+        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
+
+
 @jit
 def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
     """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: blocks of 32 weights, one scale (and min) per block.
@@ -204,8 +217,7 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
     off = 128 if qtype == Q8_0 else (8 if qtype == Q4_0 else (16 if qtype == Q5_0 else 0))
     acc = f32x16_buffer(nt)
     isum = i32x16_buffer(nt)
-    for t in range(nt):
-        put(acc, t, zeros_f32x16())
+    _zero_f(acc, nt)
     for b in range(xq.shape[1] // 32):
         o = b * unit
         for t in range(nt):
@@ -238,8 +250,7 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
             if has_min:
                 a = fma_f32(load_f16x16(u, o + 32), splat_f32(xm[t0 + t, b]), a)
             put(acc, t, a)
-    for t in range(nt):
-        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
+    _store_tile(out, col, acc, t0, nt)
 
 
 @jit(inline="always")
@@ -266,8 +277,7 @@ def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
     acc = f32x16_buffer(nt)
     isum, msum = i32x16_buffer(nt), i32x16_buffer(nt)
     slo, shi = i32x16_buffer(nt), i32x16_buffer(nt)
-    for t in range(nt):
-        put(acc, t, zeros_f32x16())
+    _zero_f(acc, nt)
     for b in range(xq.shape[1] // 256):
         o = b * 2368
         _zero(nt, isum, msum)
@@ -293,8 +303,7 @@ def _group_q4k(out, u, col, xq, xd, xs, t0, nt):
             dx = splat_f32(xd[t0 + t, b])
             a = fma_f32(mul_f32(d, dx), to_f32(get(isum, t)), get(acc, t))
             put(acc, t, fma_f32(mul_f32(dmin, dx), to_f32(sub_i32(zeros_i32x16(), get(msum, t))), a))
-    for t in range(nt):
-        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
+    _store_tile(out, col, acc, t0, nt)
 
 
 @jit(inline="always")
@@ -330,8 +339,7 @@ def _group_q6k(out, u, col, xq, xd, xs, t0, nt):
     acc = f32x16_buffer(nt)
     isum, msum = i32x16_buffer(nt), i32x16_buffer(nt)
     slo, shi = i32x16_buffer(nt), i32x16_buffer(nt)
-    for t in range(nt):
-        put(acc, t, zeros_f32x16())
+    _zero_f(acc, nt)
     for b in range(xq.shape[1] // 256):
         o = b * 3360
         _zero(nt, isum, msum)
@@ -341,8 +349,7 @@ def _group_q6k(out, u, col, xq, xd, xs, t0, nt):
         for t in range(nt):
             s32 = sub_i32(get(isum, t), mul_i32(get(msum, t), splat_i32(32)))
             put(acc, t, fma_f32(mul_f32(d, splat_f32(xd[t0 + t, b])), to_f32(s32), get(acc, t)))
-    for t in range(nt):
-        store_f32x16(out[t0 + t], col, get(acc, t), min(GROUP, out.shape[1] - col))
+    _store_tile(out, col, acc, t0, nt)
 
 
 @jit

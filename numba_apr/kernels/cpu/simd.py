@@ -28,6 +28,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+from ...errors import NumbaAprError
+
 
 
 def _host_has_vnni() -> bool:
@@ -38,7 +40,7 @@ def _host_has_vnni() -> bool:
 #: "vnni" (AVX-512 VNNI instructions) or "generic" (portable LLVM vector IR).
 MODE = os.environ.get("NUMBA_APR_SIMD", "").lower() or ("vnni" if _host_has_vnni() else "generic")
 if MODE not in ("vnni", "generic"):
-    raise ImportError(f"NUMBA_APR_SIMD must be 'vnni' or 'generic', not {MODE!r}")
+    raise NumbaAprError(f"NUMBA_APR_SIMD must be 'vnni' or 'generic', not {MODE!r}")
 
 
 class Vec(types.Type):
