@@ -33,3 +33,16 @@ def pjit(fn=None, **extra):
     """Parallel Numba kernel (outer `prange` loops run on all allowed threads)."""
     opts = {**OPTIONS, "parallel": True, **extra}
     return njit(**opts)(fn) if fn is not None else njit(**opts)
+
+
+# numba.cuda kernels (kernels/cuda/): cached PTX, fast-math (approximate division, rsqrt and exp,
+# flush-to-zero: what llama.cpp's CUDA build uses too). Imported lazily so a CPU-only process
+# never loads numba.cuda.
+CUDA_OPTIONS = dict(cache=True, fastmath=True)
+
+
+def cuda_jit(fn=None, **extra):
+    """numba.cuda kernel (or, with device=True, device function) with the package's options."""
+    from numba import cuda
+    opts = {**CUDA_OPTIONS, **extra}
+    return cuda.jit(**opts)(fn) if fn is not None else cuda.jit(**opts)

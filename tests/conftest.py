@@ -1,5 +1,11 @@
-"""Shared test helpers: where ../shared is, and where each model file comes from."""
+"""Shared test helpers: where ../shared is, and where each model file comes from.
+
+The CUDA kernels run under numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM=0 is set (as on a
+GPU machine: `NUMBA_ENABLE_CUDASIM=0 pytest -q`); it must be chosen before numba is imported."""
+import os
 from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 

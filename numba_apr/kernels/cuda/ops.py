@@ -1,0 +1,252 @@
+"""Element-wise and per-row GPU kernels (numba.cuda), the CUDA twins of kernels/cpu/ops.py.
+
+* `quantize_act`: the input of every product, one block per token: optionally RMS-normalised
+  (norm + quantization fused) or the gated activation act(gate) * up (activation + quantization
+  fused), written once as float32 (`xf`, for float matrices) and as q8 (int8 per value packed in
+  int32 words, a float scale per 32, int sums per 16: what qmatmul's dp4a dot reads);
+* `embed`: token rows of the embedding matrix (any GGUF type, through qmatmul's units), scaled;
+* `rope_kv`: per-head RMS norm (gemma3's q/k norms), RoPE from a precomputed cos/sin table,
+  and the K/V write into the f16 cache, in one launch;
+* `rmsnorm_add`: x += rmsnorm(y) * w (gemma3's post-norms before the residual add).
+
+Each launcher takes the stream to launch on and only launches (no allocation, no host copy), so
+a decode step can be captured in a CUDA graph. Positions and token ids are read from device
+arrays for the same reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from ..._numba import cuda_jit
+from . import ptx
+from .qmatmul import FLOAT_TYPES, UNITS, DeviceMatrix
+
+BLOCK = 256
+MODE_COPY, MODE_NORM, MODE_SILU, MODE_GELU = 0, 1, 2, 3
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@dataclass
+class ActBuffers:
+    """An activation as the products read it: [rows, K] for up to `rows` tokens."""
+    xf: object     # float32 [rows, K]
+    xq: object     # int32 [rows, K/4]: 4 int8 quants each
+    xd: object     # float32 [rows, K/32]: scale per 32
+    xs: object     # int32 [rows, K/16]: sum of each 16 quants
+    empty: object  # float32 [0]: "no bias"
+
+    @classmethod
+    def allocate(cls, rows: int, K: int) -> "ActBuffers":
+        return cls(cuda.device_array((rows, K), np.float32), cuda.device_array((rows, K // 4), np.int32),
+                   cuda.device_array((rows, K // 32), np.float32), cuda.device_array((rows, K // 16), np.int32),
+                   cuda.device_array(0, np.float32))
+
+    def cols(self, K: int) -> "ActBuffers":
+        """The views for an input of K <= capacity columns."""
+        return ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32], self.xs[:, :K // 16],
+                          self.empty)
+
+
+@cuda_jit(device=True)
+def _block_sum(v, buf):
+    """Sum of v over the block (every thread gets it); buf: shared float32[32]."""
+    v = ptx.warp_sum(v)
+    wid = cuda.threadIdx.x >> 5
+    nw = (cuda.blockDim.x + 31) >> 5
+    if (cuda.threadIdx.x & 31) == 0:
+        buf[wid] = v
+    cuda.syncthreads()
+    s = np.float32(0.0)
+    for i in range(nw):
+        s += buf[i]
+    cuda.syncthreads()
+    return s
+
+
+@cuda_jit(device=True)
+def _round_away(a):
+    return int(a + 0.5) if a >= 0 else -int(0.5 - a)
+
+
+@cuda_jit
+def _quantize_act(src, src2, w, eps, mode, xf, xq, xd, xs, K):
+    t = cuda.blockIdx.x
+    buf = cuda.shared.array(32, np.float32)
+    scale = np.float32(1.0)
+    if mode == MODE_NORM:
+        ss = np.float32(0.0)
+        for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+            ss += src[t, i] * src[t, i]
+        ss = _block_sum(ss, buf)
+        scale = np.float32(1.0) / math.sqrt(ss / K + eps)
+    for b in range(cuda.threadIdx.x, K // 32, cuda.blockDim.x):
+        amax = np.float32(0.0)
+        for i in range(32 * b, 32 * b + 32):
+            v = src[t, i]
+            if mode == MODE_NORM:
+                v = v * scale * w[i]
+            elif mode == MODE_SILU:
+                v = v / (np.float32(1.0) + math.exp(-v)) * src2[t, i]
+            elif mode == MODE_GELU:
+                v = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(
+                    np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v))) * src2[t, i]
+            xf[t, i] = v
+            amax = max(amax, abs(v))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        xd[t, b] = d
+        for h in range(2):
+            s = 0
+            for k in range(4):
+                word = 0
+                for j in range(4):
+                    q = _round_away(xf[t, 32 * b + 16 * h + 4 * k + j] * inv)
+                    s += q
+                    word |= (q & 0xFF) << (8 * j)
+                xq[t, 8 * b + 4 * h + k] = np.int32(word - (1 << 32) if word >= (1 << 31) else word)
+            xs[t, 2 * b + h] = s
+
+
+def quantize_act(act: ActBuffers, src, T: int, stream, mode=MODE_COPY, w=None, eps=0.0, src2=None):
+    """act <- src[:T] (K = src.shape[1] columns), transformed by `mode`, as float and as q8."""
+    K = src.shape[1]
+    a = act.cols(K)
+    _quantize_act[T, BLOCK, stream](src, src if src2 is None else src2, act.empty if w is None else w,
+                                    np.float32(eps), mode, a.xf, a.xq, a.xd, a.xs, K)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _make_embed(unit):
+    @cuda_jit
+    def embed(x, tokens, w, o_qh, o_sc, s_qs, s_qh, s_sc, n_units, scale):
+        t = cuda.blockIdx.x
+        r = tokens[t]
+        for u in range(cuda.threadIdx.x, n_units, cuda.blockDim.x):
+            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
+            _put4(x, t, e0, l0, d0, m0, scale)
+            _put4(x, t, e0 + 4, l1, d0, m0, scale)
+            _put4(x, t, e0 + 8, l2, d0, m0, scale)
+            _put4(x, t, e0 + 12, l3, d0, m0, scale)
+            _put4(x, t, e1, h0, d1, m1, scale)
+            _put4(x, t, e1 + 4, h1, d1, m1, scale)
+            _put4(x, t, e1 + 8, h2, d1, m1, scale)
+            _put4(x, t, e1 + 12, h3, d1, m1, scale)
+    return embed
+
+
+@cuda_jit(device=True)
+def _put4(x, t, e, word, d, m, scale):
+    for j in range(4):
+        b = (word >> (8 * j)) & 0xFF
+        b = b - 256 if b >= 128 else b
+        x[t, e + j] = (d * np.float32(b) + m) * scale
+
+
+@cuda_jit
+def _embed_float(x, tokens, w, kind, K, scale):
+    t = cuda.blockIdx.x
+    r = tokens[t]
+    for k in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+        if kind == 0:
+            v = ptx.f32_bits(w[r * K + k])
+        else:
+            word = w[(r * K + k) >> 1] >> (16 * (k & 1))
+            v = ptx.f16_bits(word & 0xFFFF) if kind == 1 else ptx.f32_bits((word & 0xFFFF) << 16)
+        x[t, k] = v * scale
+
+
+_EMBED: dict = {}
+
+
+def embed(x, tokens, m: DeviceMatrix, T: int, scale: float, stream):
+    """x[t] = row tokens[t] of the embedding matrix, times scale, for t < T."""
+    if m.qtype in FLOAT_TYPES:
+        _embed_float[T, BLOCK, stream](x, tokens, m.w, FLOAT_TYPES[m.qtype], m.K, np.float32(scale))
+        return
+    k = _EMBED.get(m.qtype)
+    if k is None:
+        k = _EMBED[m.qtype] = _make_embed(UNITS[m.qtype])
+    k[T, 64, stream](x, tokens, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.K // 32, np.float32(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def rope_table(n_ctx: int, rope_dim: int, base: float):
+    """cos and sin of pos * base^(-2i/rope_dim), float64 math, stored float32 [n_ctx, rope_dim/2]."""
+    inv = base ** (-2.0 * np.arange(rope_dim // 2) / rope_dim)
+    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
+    return cuda.to_device(np.cos(ang).astype(np.float32)), cuda.to_device(np.sin(ang).astype(np.float32))
+
+
+@cuda_jit
+def _rope_kv(qkv, pos, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, cos, sin,
+             q_norm, k_norm, eps, k_cache, v_cache):
+    t = cuda.blockIdx.x
+    h = cuda.blockIdx.y             # 0..n_head-1: a query head; then the kv heads
+    p = pos[0] + t
+    buf = cuda.shared.array(32, np.float32)
+    is_q = h < n_head
+    o = h * head_dim if is_q else n_head * head_dim + (h - n_head) * head_dim
+    nw = q_norm if is_q else k_norm
+    scale = np.float32(1.0)
+    if nw.shape[0] > 0:
+        ss = np.float32(0.0)
+        for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
+            ss += qkv[t, o + i] * qkv[t, o + i]
+        ss = _block_sum(ss, buf)
+        scale = np.float32(1.0) / math.sqrt(ss / head_dim + eps)
+        cuda.syncthreads()
+        for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
+            qkv[t, o + i] = qkv[t, o + i] * scale * nw[i]
+        cuda.syncthreads()
+    half = rope_dim // 2
+    for i in range(cuda.threadIdx.x, half, cuda.blockDim.x):
+        a = o + i if neox else o + 2 * i
+        b = a + half if neox else a + 1
+        c, s = cos[p, i], sin[p, i]
+        x0, x1 = qkv[t, a], qkv[t, b]
+        qkv[t, a] = x0 * c - x1 * s
+        qkv[t, b] = x0 * s + x1 * c
+    if not is_q:
+        cuda.syncthreads()
+        kh = h - n_head
+        for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
+            k_cache[p, kh * head_dim + i] = np.float16(qkv[t, o + i])
+        vo = n_head * head_dim + n_head_kv * head_dim + kh * head_dim_v
+        for i in range(cuda.threadIdx.x, head_dim_v, cuda.blockDim.x):
+            v_cache[p, kh * head_dim_v + i] = np.float16(qkv[t, vo + i])
+
+
+def rope_kv(qkv, pos, T, c, table, q_norm, k_norm, k_cache, v_cache, stream, empty):
+    """In place on qkv[:T] = [q | k | v] columns: per-head norms (if given), RoPE on q and k;
+    then k and v (f16) into the cache at positions pos[0] + t."""
+    cos, sin = table
+    threads = min(128, max(32, c.head_dim // 2))
+    _rope_kv[(T, c.n_head + c.n_head_kv), threads, stream](
+        qkv, pos, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.rope_dim, c.rope_neox, cos, sin,
+        empty if q_norm is None else q_norm, empty if k_norm is None else k_norm, np.float32(c.norm_eps),
+        k_cache, v_cache)
+
+
+@cuda_jit
+def _rmsnorm_add(x, y, w, eps, K):
+    t = cuda.blockIdx.x
+    buf = cuda.shared.array(32, np.float32)
+    ss = np.float32(0.0)
+    for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+        ss += y[t, i] * y[t, i]
+    ss = _block_sum(ss, buf)
+    scale = np.float32(1.0) / math.sqrt(ss / K + eps)
+    for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+        x[t, i] += y[t, i] * scale * w[i]
+
+
+def rmsnorm_add(x, y, w, eps, T, stream):
+    """x[:T] += rmsnorm(y[:T]) * w."""
+    _rmsnorm_add[T, BLOCK, stream](x, y, w, np.float32(eps), x.shape[1])

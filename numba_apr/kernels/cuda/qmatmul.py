@@ -1,0 +1,444 @@
+"""Quantized matrix products on the GPU (numba.cuda): out[t, r] = x[t] . W[r] for every GGUF type.
+
+Device layout (`DeviceMatrix`, made once at upload). A GGUF block interleaves its fields (scales,
+high bits, quants) in 18-, 20-, 22-, 34- or 210-byte records, so most blocks do not start on a
+16-byte boundary. At upload each field is split into its own stream, row-major, all in one
+uint32 array: `qs` (the 4-bit or 8-bit quants), `qh` (5th / 5th-6th bits, where the type has
+them) and `sc` (f16 scales and mins, K-quant sub-block scales). A warp then reads a row's quants
+as consecutive 16-byte loads (`ptx.ldg4`, 512 bytes a warp instruction, through the read-only
+cache). Bytes per weight stay GGUF's (Q6_K: +2 bytes of padding per 210-byte block).
+
+Arithmetic, as llama.cpp's CUDA backend does it (mmvq): activations are quantized once per
+product to int8 with a float scale per 32 values (q8_1, `quantize_act` in ops.py writes
+xq / xd / xs); a weight "unit" is 32 weights = two halves of 16, each half with its own scale d
+and offset m (w = d * q + m, q the stored small integer); a half's dot is 4 `dp4a` of packed
+bytes, and
+
+    x . w  =  xd * (d0 * dot(q, xq)_0 + m0 * sum(xq)_0 + d1 * dot_1 + m1 * sum_1)
+
+where sum(xq) over 16 values comes from xs. Per type only `_unit_<type>` differs: where a unit's
+weights, scales and activations are. One kernel factory (`_make_kernel`) builds the product for
+each type and tile width NT (tokens per block: 1 when decoding, `PREFILL_NT` for a prompt, so
+each weight is read once per NT tokens).
+
+Launch: one warp per output row, 4 warps a block, lanes strided over the row's units; the 32
+partial sums meet in a butterfly (`ptx.warp_sum`). Epilogue: + bias, and either store or add
+into the output (the residual stream), selected by an argument.
+
+F32 / F16 / BF16 matrices use `_float_kernel` on the float activations (llama.cpp does not
+quantize activations for them either).
+
+`qmatmul_ref` is the float64 NumPy oracle: gguf's dequantized weights times the same quantized
+activations, so a test compares only summation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from numba import cuda
+
+from ..._numba import cuda_jit
+from ...errors import NumbaAprError
+from . import ptx
+
+WARPS = 4            # rows (warps) per block
+PREFILL_NT = 8       # tokens per block for prompts
+
+# Per type: GGUF block (weights, bytes) and its fields as (stream, byte offset, bytes); the
+# streams are laid out row-major in that order, a field padded to whole 32-bit words per block
+# (a lone 2-byte f16 scale is packed two blocks a word instead).
+_FIELDS = {
+    Q.Q4_0: (32, 18, (("sc", 0, 2), ("qs", 2, 16))),
+    Q.Q4_1: (32, 20, (("sc", 0, 4), ("qs", 4, 16))),
+    Q.Q5_0: (32, 22, (("sc", 0, 2), ("qh", 2, 4), ("qs", 6, 16))),
+    Q.Q5_1: (32, 24, (("sc", 0, 4), ("qh", 4, 4), ("qs", 8, 16))),
+    Q.Q8_0: (32, 34, (("sc", 0, 2), ("qs", 2, 32))),
+    Q.Q4_K: (256, 144, (("sc", 0, 16), ("qs", 16, 128))),
+    Q.Q5_K: (256, 176, (("sc", 0, 16), ("qh", 16, 32), ("qs", 48, 128))),
+    Q.Q6_K: (256, 210, (("sc", 192, 18), ("qh", 128, 64), ("qs", 0, 128))),
+}
+FLOAT_TYPES = {Q.F32: 0, Q.F16: 1, Q.BF16: 2}
+SUPPORTED = tuple(_FIELDS) + tuple(FLOAT_TYPES)
+
+
+@dataclass
+class DeviceMatrix:
+    """One weight matrix on the device: [rows, K] of one GGUF type, split into streams."""
+    qtype: int
+    rows: int
+    K: int
+    w: object          # uint32 device array: qs rows, then qh rows, then sc rows
+    o_qh: int          # word offset of the qh stream
+    o_sc: int          # word offset of the sc stream
+    s_qs: int          # words per row of each stream
+    s_qh: int
+    s_sc: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.size * 4
+
+
+def _split_streams(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """Host side of the upload: raw [rows, row bytes] -> (words, offsets, words per row)."""
+    bs, bb, fields = _FIELDS[qtype]
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, bb)
+    nb = blocks.shape[1]
+    parts, offs, strides, off = {}, {}, {}, 0
+    for name in ("qs", "qh", "sc"):
+        f = [fl for fl in fields if fl[0] == name]
+        if not f:
+            parts[name], offs[name], strides[name] = None, off, 0
+            continue
+        _, o, n = f[0]
+        if n == 2:   # a lone f16 scale: packed two blocks a word, the row padded to whole words
+            a = np.zeros((rows, (nb + 1) // 2 * 2, 2), np.uint8)
+        else:        # each block's field padded to whole words (Q6_K: 18 -> 20 bytes)
+            a = np.zeros((rows, nb, (n + 3) // 4 * 4), np.uint8)
+        a[:, :nb, :n] = blocks[:, :, o:o + n]
+        parts[name] = a.reshape(rows, -1).view(np.uint32)
+        offs[name], strides[name] = off, parts[name].shape[1]
+        off += parts[name].size
+    words = np.concatenate([p.reshape(-1) for p in parts.values() if p is not None])
+    return words, (offs["qh"], offs["sc"]), (strides["qs"], strides["qh"], strides["sc"])
+
+
+def upload(raw: np.ndarray, qtype: int, K: int, stream=0) -> DeviceMatrix:
+    """Copy one GGUF matrix to the device in the streamed layout (float types as they are)."""
+    rows = raw.shape[0]
+    if qtype in FLOAT_TYPES:
+        words = np.ascontiguousarray(raw).reshape(-1).view(np.uint32)
+        return DeviceMatrix(qtype, rows, K, cuda.to_device(words, stream=stream), 0, 0,
+                            words.size // rows, 0, 0)
+    if qtype not in _FIELDS:
+        raise NumbaAprError(f"tensor type {Q(qtype).name} has no CUDA kernel")
+    if K % 32:
+        raise NumbaAprError(f"row length {K} is not a multiple of 32")
+    words, (o_qh, o_sc), (s_qs, s_qh, s_sc) = _split_streams(np.ascontiguousarray(raw), qtype)
+    return DeviceMatrix(qtype, rows, K, cuda.to_device(words, stream=stream), o_qh, o_sc, s_qs, s_qh, s_sc)
+
+
+def concat(mats: list[np.ndarray]) -> np.ndarray:
+    """Row-concatenate raw matrices of one type (Q/K/V or gate/up into one product)."""
+    return np.concatenate([np.ascontiguousarray(m) for m in mats], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Units: for weight unit u of row r, the 4 + 4 int32 words of quants (bytes, 16 per half), the
+# half scales/offsets (d0, m0, d1, m1) and the index in x of each half's first element.
+
+@cuda_jit(device=True)
+def _h16(w, o, j):
+    """j-th f16 of a stream of packed f16 pairs starting at word o, as float32."""
+    v = w[o + (j >> 1)]
+    return ptx.f16_bits((v >> ((j & 1) * 16)) & 0xFFFF)
+
+
+@cuda_jit(device=True)
+def _spread4(b):
+    """The 4 low bits of b to bit 4 of each of 4 bytes (the 5th bit of 4 quants)."""
+    return (((b & 0xF) * 0x00204081) & 0x01010101) << 4
+
+
+@cuda_jit(device=True)
+def _nib(a, b, c, d, shift):
+    m = 0x0F0F0F0F
+    return (a >> shift) & m, (b >> shift) & m, (c >> shift) & m, (d >> shift) & m
+
+
+@cuda_jit(device=True)
+def _unit_q4_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    dd = _h16(w, o_sc + r * s_sc, u)
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    m = -8.0 * dd
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
+
+
+@cuda_jit(device=True)
+def _unit_q4_1(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    dd = _h16(w, o_sc + r * s_sc, 2 * u)
+    m = _h16(w, o_sc + r * s_sc, 2 * u + 1)
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
+
+
+@cuda_jit(device=True)
+def _q5_words(w, o_qh, s_qh, r, u, a, b, c, d):
+    """Q5_0/Q5_1 quants: nibbles plus the 5th bit from the block's 32-bit qh word."""
+    qh = w[o_qh + r * s_qh + u]
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    l0 |= _spread4(qh)
+    l1 |= _spread4(qh >> 4)
+    l2 |= _spread4(qh >> 8)
+    l3 |= _spread4(qh >> 12)
+    h0 |= _spread4(qh >> 16)
+    h1 |= _spread4(qh >> 20)
+    h2 |= _spread4(qh >> 24)
+    h3 |= _spread4(qh >> 28)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@cuda_jit(device=True)
+def _unit_q5_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    l0, l1, l2, l3, h0, h1, h2, h3 = _q5_words(w, o_qh, s_qh, r, u, a, b, c, d)
+    dd = _h16(w, o_sc + r * s_sc, u)
+    m = -16.0 * dd
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
+
+
+@cuda_jit(device=True)
+def _unit_q5_1(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    l0, l1, l2, l3, h0, h1, h2, h3 = _q5_words(w, o_qh, s_qh, r, u, a, b, c, d)
+    dd = _h16(w, o_sc + r * s_sc, 2 * u)
+    m = _h16(w, o_sc + r * s_sc, 2 * u + 1)
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
+
+
+@cuda_jit(device=True)
+def _unit_q8_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    l0, l1, l2, l3 = ptx.ldg4(w, r * s_qs + 8 * u)
+    h0, h1, h2, h3 = ptx.ldg4(w, r * s_qs + 8 * u + 4)
+    dd = _h16(w, o_sc + r * s_sc, u)
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, 0.0, dd, 0.0, 32 * u, 32 * u + 16
+
+
+@cuda_jit(device=True)
+def _k4_scale(w, o, j):
+    """Q4_K/Q5_K 6-bit (scale, min) of sub-block j from the 12 packed bytes at word o + 1."""
+    if j < 4:
+        sc = (w[o + 1 + (j >> 2)] >> (8 * (j & 3))) & 63
+        mn = (w[o + 2 + (j >> 2)] >> (8 * (j & 3))) & 63
+    else:
+        k = j - 4
+        b8 = (w[o + 3] >> (8 * k)) & 0xFF
+        sc = (b8 & 0xF) | (((w[o + 1] >> (8 * k + 6)) & 3) << 4)
+        mn = (b8 >> 4) | (((w[o + 2] >> (8 * k + 6)) & 3) << 4)
+    return sc, mn
+
+
+@cuda_jit(device=True)
+def _k4_common(w, o_sc, s_sc, r, u):
+    """Q4_K/Q5_K: unit u -> (superblock, 32-byte chunk c, offset o in it, half scales)."""
+    b = u >> 3
+    j = u & 7
+    c = j >> 1
+    o = (j & 1) * 16
+    so = o_sc + r * s_sc + 4 * b
+    dm = w[so]
+    d = ptx.f16_bits(dm & 0xFFFF)
+    dmin = ptx.f16_bits(dm >> 16)
+    sc0, mn0 = _k4_scale(w, so, 2 * c)
+    sc1, mn1 = _k4_scale(w, so, 2 * c + 1)
+    e0 = 256 * b + 64 * c + o
+    return c, o, d * sc0, -dmin * mn0, d * sc1, -dmin * mn1, e0, e0 + 32
+
+
+@cuda_jit(device=True)
+def _unit_q4_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    ch, o, d0, m0, d1, m1, e0, e1 = _k4_common(w, o_sc, s_sc, r, u)
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    return l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1
+
+
+@cuda_jit(device=True)
+def _unit_q5_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    ch, o, d0, m0, d1, m1, e0, e1 = _k4_common(w, o_sc, s_sc, r, u)
+    # qh byte l holds the 5th bit of element l of sub-block 2c (bit 2c) and 2c+1 (bit 2c+1).
+    q0, q1, q2, q3 = ptx.ldg4(w, o_qh + r * s_qh + 8 * (u >> 3) + (o >> 2))
+    s = 2 * ch
+    m = 0x01010101
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    l0 |= ((q0 >> s) & m) << 4
+    l1 |= ((q1 >> s) & m) << 4
+    l2 |= ((q2 >> s) & m) << 4
+    l3 |= ((q3 >> s) & m) << 4
+    h0 |= ((q0 >> (s + 1)) & m) << 4
+    h1 |= ((q1 >> (s + 1)) & m) << 4
+    h2 |= ((q2 >> (s + 1)) & m) << 4
+    h3 |= ((q3 >> (s + 1)) & m) << 4
+    return l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1
+
+
+@cuda_jit(device=True)
+def _s8(v):
+    v = int(v) & 0xFF
+    return v - 256 if v >= 128 else v
+
+
+@cuda_jit(device=True)
+def _unit_q6_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
+    # Superblock b = two halves n of 128; unit j covers ql bytes [64n + 16r4, +16): low nibbles
+    # are elements 128n + 32g + l.. (g = r4 // 2, l = 16 (r4 % 2)), high nibbles the same + 64;
+    # their top 2 bits are in qh[32n + l ..] at bits 2g and 4 + 2g.
+    b = u >> 3
+    j = u & 7
+    n = j >> 2
+    r4 = j & 3
+    g = r4 >> 1
+    l = (r4 & 1) * 16
+    a, bb, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
+    q0, q1, q2, q3 = ptx.ldg4(w, o_qh + r * s_qh + 16 * b + 8 * n + (l >> 2))
+    m3 = 0x03030303
+    s0 = 2 * g
+    s1 = 4 + 2 * g
+    l0, l1, l2, l3 = _nib(a, bb, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, bb, c, d, 4)
+    l0 |= ((q0 >> s0) & m3) << 4
+    l1 |= ((q1 >> s0) & m3) << 4
+    l2 |= ((q2 >> s0) & m3) << 4
+    l3 |= ((q3 >> s0) & m3) << 4
+    h0 |= ((q0 >> s1) & m3) << 4
+    h1 |= ((q1 >> s1) & m3) << 4
+    h2 |= ((q2 >> s1) & m3) << 4
+    h3 |= ((q3 >> s1) & m3) << 4
+    so = o_sc + r * s_sc + 5 * b
+    e0 = 256 * b + 128 * n + 32 * g + l
+    i0 = 8 * n + 2 * g + (r4 & 1)   # scale of 16 elements e0 .. (index e0 // 16 in the block)
+    dd = ptx.f16_bits(w[so + 4] & 0xFFFF)
+    d0 = dd * _s8(w[so + (i0 >> 2)] >> (8 * (i0 & 3)))
+    i1 = i0 + 4
+    d1 = dd * _s8(w[so + (i1 >> 2)] >> (8 * (i1 & 3)))
+    return l0, l1, l2, l3, h0, h1, h2, h3, d0, -32.0 * d0, d1, -32.0 * d1, e0, e0 + 64
+
+
+UNITS = {Q.Q4_0: _unit_q4_0, Q.Q4_1: _unit_q4_1, Q.Q5_0: _unit_q5_0, Q.Q5_1: _unit_q5_1,
+         Q.Q8_0: _unit_q8_0, Q.Q4_K: _unit_q4_k, Q.Q5_K: _unit_q5_k, Q.Q6_K: _unit_q6_k}
+
+
+# ---------------------------------------------------------------------------------------------
+# The product kernel, built per (type, tile width).
+
+@cuda_jit(device=True)
+def _half_dot(xq, t, e, q0, q1, q2, q3):
+    """dot of 16 quants (4 words) with the activation bytes x[t, e .. e+16)."""
+    k = e >> 2
+    s = ptx.dp4a(q0, xq[t, k], 0)
+    s = ptx.dp4a(q1, xq[t, k + 1], s)
+    s = ptx.dp4a(q2, xq[t, k + 2], s)
+    return ptx.dp4a(q3, xq[t, k + 3], s)
+
+
+def _make_kernel(unit, NT):
+    @cuda_jit
+    def kernel(out, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate):
+        lane = cuda.threadIdx.x & 31
+        r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
+        t0 = cuda.blockIdx.y * NT
+        acc = cuda.local.array(NT, np.float32)
+        for i in range(NT):
+            acc[i] = 0.0
+        rr = min(r, rows - 1)  # warps past the last row compute row rows-1 and store nothing
+        for u in range(lane, n_units, 32):
+            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
+                w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u)
+            for i in range(NT):
+                t = min(t0 + i, T - 1)
+                s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
+                s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
+                a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
+                a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
+                acc[i] += xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
+        for i in range(NT):
+            v = ptx.warp_sum(acc[i])
+            t = t0 + i
+            if lane == 0 and r < rows and t < T:
+                if bias.shape[0] > 0:
+                    v += bias[r]
+                if accumulate:
+                    out[t, r] += v
+                else:
+                    out[t, r] = v
+    return kernel
+
+
+@cuda_jit
+def _float_kernel(out, w, kind, K, rows, x, T, bias, accumulate):
+    """F32 (kind 0) / F16 (1) / BF16 (2) rows times float32 activations, one warp per row."""
+    lane = cuda.threadIdx.x & 31
+    r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
+    rr = min(r, rows - 1)
+    for t in range(T):
+        acc = np.float32(0.0)
+        for k in range(lane, K, 32):
+            if kind == 0:
+                v = ptx.f32_bits(w[rr * K + k])
+            else:
+                word = w[(rr * K + k) >> 1] >> (16 * (k & 1))
+                v = ptx.f16_bits(word & 0xFFFF) if kind == 1 else ptx.f32_bits((word & 0xFFFF) << 16)
+            acc += v * x[t, k]
+        acc = ptx.warp_sum(acc)
+        if lane == 0 and r < rows:
+            if bias.shape[0] > 0:
+                acc += bias[r]
+            if accumulate:
+                out[t, r] += acc
+            else:
+                out[t, r] = acc
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(qtype: int, NT: int):
+    k = _KERNELS.get((qtype, NT))
+    if k is None:
+        k = _KERNELS[(qtype, NT)] = _make_kernel(UNITS[qtype], NT)
+    return k
+
+
+def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=False):
+    """out[t, :m.rows] (+)= x[t] . W.T (+ bias) for t < T. `act` is the ActBuffers the input was
+    quantized into (ops.quantize_act): its q8 view for quantized W, its float view for float W.
+    Launch only: no allocation, no synchronisation (graph-capturable)."""
+    bias = act.empty if bias is None else bias
+    grid_x = (m.rows + WARPS - 1) // WARPS
+    if m.qtype in FLOAT_TYPES:
+        _float_kernel[grid_x, 32 * WARPS, stream](out, m.w, FLOAT_TYPES[m.qtype], m.K, m.rows,
+                                                  act.xf, T, bias, accumulate)
+        return
+    NT = 1 if T == 1 else PREFILL_NT
+    k = _kernel(m.qtype, NT)
+    n_units = m.K // 32
+    k[(grid_x, (T + NT - 1) // NT), 32 * WARPS, stream](
+        out, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
+        act.xq, act.xd, act.xs, T, bias, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference.
+
+def quantize_act_ref(x: np.ndarray):
+    """q8 activations as quantize_act computes them: int8 [T, K], scale per 32 [T, K/32]."""
+    T, K = x.shape
+    xb = x.reshape(T, K // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=2)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.trunc(xb * inv[:, :, None] + np.copysign(0.5, xb)), -127, 127).astype(np.int8)
+    return q.reshape(T, K), d
+
+
+def qmatmul_ref(raw: np.ndarray, qtype: int, K: int, x: np.ndarray) -> np.ndarray:
+    """float64 oracle: dequantized W (gguf-py) times the q8-quantized x ([T, K])."""
+    from gguf.quants import dequantize
+    W = dequantize(np.ascontiguousarray(raw), Q(qtype)).reshape(raw.shape[0], K).astype(np.float64)
+    if qtype in FLOAT_TYPES:
+        return x.astype(np.float64) @ W.T
+    q, d = quantize_act_ref(x)
+    xdq = (q.reshape(x.shape[0], K // 32, 32).astype(np.float64) * d[:, :, None]).reshape(x.shape)
+    return xdq @ W.T
+
