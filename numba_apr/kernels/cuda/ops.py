@@ -92,8 +92,10 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq, xd, xs, K):
             elif mode == MODE_SILU:
                 v = v / (np.float32(1.0) + math.exp(-v)) * src2[t, i]
             elif mode == MODE_GELU:
-                v = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(
-                    np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v))) * src2[t, i]
+                # tanh(y) = 1 - 2 / (exp(2y) + 1): fast-math's tanh is a coarse approximation
+                y = np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v)
+                th = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * y) + np.float32(1.0))
+                v = np.float32(0.5) * v * (np.float32(1.0) + th) * src2[t, i]
             xf[t, i] = v
             amax = max(amax, abs(v))
         d = amax / np.float32(127.0)
