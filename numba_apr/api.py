@@ -17,14 +17,14 @@ from . import packaged
 from .arch import build_config
 from .chat import render_chat
 from .errors import NumbaAprError
-from .generate import GenerationStats, generate
+from .generate import GenerationStats, HostStepper, generate
 from .gguf_file import GGUFFile
 from .model import RunState, forward, load_weights
 from .packing import pack_weights
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "cuda")
 N_BATCH = 512  # prompt tokens evaluated per forward pass (llama.cpp's default micro-batch)
 
 
@@ -40,7 +40,7 @@ class Model:
     """A loaded model. Use `numba_apr.load()` to make one."""
 
     def __init__(self, path, n_ctx: int = 4096, threads: int | None = None,
-                 progress: Callable[[float, str], None] | None = None):
+                 progress: Callable[[float, str], None] | None = None, device: str = "cpu"):
         progress = progress or (lambda frac, what: None)
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise NumbaAprError(f"n_ctx must be a positive integer, got {n_ctx!r}")
@@ -54,17 +54,25 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         progress(0.4, "checking tensors")
         self.weights = load_weights(self.gguf, self.config)
-        progress(0.45, "repacking weights")
-        if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
-            pack_weights(self.gguf, self.weights)
+        self.device = device
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
-        self.state = RunState(self.config, self.n_ctx, min(N_BATCH, self.n_ctx))
+        n_batch = min(N_BATCH, self.n_ctx)
+        if device == "cuda":
+            from .model_cuda import CudaRunner  # numba.cuda is imported only for the GPU
+            progress(0.45, "uploading weights")
+            self.runner, self.state = CudaRunner(self.config, self.weights, self.n_ctx, n_batch), None
+        else:
+            progress(0.45, "repacking weights")
+            if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
+                pack_weights(self.gguf, self.weights)
+            self.runner, self.state = None, RunState(self.config, self.n_ctx, n_batch)
         self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1
         self.n_past = 0
         progress(0.5, "compiling kernels")
         # Compile (or load from Numba's cache) every kernel now, not at the first token.
         logits = self._decode(self.tokenizer.bos_id or 0, pos=0)
-        Sampler(self.config.n_vocab, SamplingParams(seed=0)).sample(logits[0], self.tokens[:1])
+        if device == "cpu":
+            Sampler(self.config.n_vocab, SamplingParams(seed=0)).sample(logits[0], self.tokens[:1])
         self.n_past = 0
         self.load_seconds = time.perf_counter() - t0
         progress(1.0, "ready")
@@ -89,29 +97,46 @@ class Model:
                                 f"({self.n_ctx} tokens; raise n_ctx / -c)")
         return arr.astype(np.int32)
 
-    def _eval(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None) -> np.ndarray:
-        """Evaluate ids at positions pos0.. in batches; the KV cache then holds them."""
+    def _eval(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None,
+              host: bool = True) -> np.ndarray | None:
+        """Evaluate ids at positions pos0.. in batches; the KV cache then holds them. Returns the
+        last logits [1, n_vocab] (on the GPU with host=False they stay in the device state)."""
         out = None
-        for i in range(0, len(ids), self.state.n_batch):
-            chunk = ids[i:i + self.state.n_batch]
+        n_batch = self.runner.s.n_batch if self.runner else self.state.n_batch
+        for i in range(0, len(ids), n_batch):
+            chunk = ids[i:i + n_batch]
             rows = None if all_logits is None else all_logits[i:i + len(chunk)]
-            out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
+            if self.runner is None:
+                out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
+            else:
+                self.runner.eval(chunk, pos0 + i, want_all=rows is not None)
+                if rows is not None:
+                    rows[:] = out = self.runner.logits_host(True, len(chunk))
+                elif host and i + n_batch >= len(ids):
+                    out = self.runner.logits_host(False, 1)
         self.tokens[pos0:pos0 + len(ids)] = ids
         self.n_past = pos0 + len(ids)
         return out
 
-    def _prefill(self, ids) -> np.ndarray:
+    def _prefill(self, ids, host: bool = True) -> np.ndarray | None:
         """Evaluate a prompt, reusing the cached prefix it shares with what was evaluated before;
         returns the next-token logits [1, n_vocab]."""
         ids = self._check_ids(ids)
         same = self.tokens[:min(self.n_past, len(ids))] == ids[:self.n_past]
         keep = int(np.argmin(same)) if not same.all() else len(same)
         keep = min(keep, len(ids) - 1)  # at least one token must be evaluated to get logits
-        return self._eval(ids[keep:], keep)
+        return self._eval(ids[keep:], keep, host=host)
+
+    def _stepper(self, params: SamplingParams):
+        """What the generation loop drives: prefill + sample, then decode + sample per token."""
+        if self.runner is not None:
+            from .model_cuda import CudaStepper
+            return CudaStepper(self, params)
+        return HostStepper(self, params)
 
     def _decode(self, token: int, pos: int | None = None) -> np.ndarray:
         pos = self.n_past if pos is None else pos
-        one = self.state.token
+        one = self.state.token if self.state is not None else np.zeros(1, np.int32)
         one[0] = token
         return self._eval(one, pos)
 
@@ -171,7 +196,7 @@ def load(model: str | os.PathLike | None = None, device: str = "cpu", n_ctx: int
     """Load a GGUF file, or a packaged model by name (None: the default, gemma-3-270m)."""
     if device not in DEVICES:
         raise NumbaAprError(f"device '{device}' is not supported (available: {', '.join(DEVICES)})")
-    return Model(packaged.resolve(model), n_ctx=n_ctx, threads=threads, progress=progress)
+    return Model(packaged.resolve(model), n_ctx=n_ctx, threads=threads, progress=progress, device=device)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("-t", "--threads", type=_positive(int, 1), default=None, help="CPU threads")
     p.add_argument("-c", "--ctx-size", type=_positive(int, 1), default=4096, help="context size")
-    p.add_argument("--device", default="cpu", help="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (an NVIDIA GPU through numba.cuda)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
     return p
 

@@ -57,25 +57,43 @@ class _StopFilter:
         return out
 
 
+class HostStepper:
+    """Logits on the host, sampled by the CPU `Sampler` (the CPU backend; GPU steppers sample on
+    the device, see model_cuda.CudaStepper). `first` evaluates the prompt and samples the first
+    token; `next` evaluates one token and samples the following one."""
+
+    def __init__(self, model, params: SamplingParams):
+        self.model, self.sampler = model, Sampler(model.config.n_vocab, params)
+
+    def first(self, prompt_ids) -> int:
+        logits = self.model._prefill(prompt_ids)
+        return self.sampler.sample(logits[0], self.model._history())
+
+    def next(self, token: int) -> int:
+        logits = self.model._decode(token)
+        return self.sampler.sample(logits[0], self.model._history())
+
+
 def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
              stop: list[str] | tuple[str, ...] = (), stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield the text of the continuation of `prompt_ids`, piece by piece."""
     stats = stats if stats is not None else GenerationStats()
     params.validate()
-    sampler = Sampler(model.config.n_vocab, params)
+    stepper = model._stepper(params)
     tok = model.tokenizer
     decoder = tok.decoder()
     stopper = _StopFilter(list(stop))
 
     t0 = time.perf_counter()
-    logits = model._prefill(prompt_ids)
+    token = stepper.first(prompt_ids)
     stats.prompt_tokens = len(prompt_ids)
     stats.prompt_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats.stop_reason = "length"
     try:
-        for _ in range(max_tokens):
-            token = sampler.sample(logits[0], model._history())
+        for i in range(max_tokens):
+            if i:
+                token = stepper.next(token)
             if token in tok.eog_ids:
                 stats.stop_reason = "eog"
                 break
@@ -90,7 +108,6 @@ def generate(model, prompt_ids: list[int], max_tokens: int, params: SamplingPara
             if model.n_past >= model.n_ctx:
                 stats.stop_reason = "context full"
                 break
-            logits = model._decode(token)
         text, hit = stopper.push(decoder.flush())
         yield from ([text] if text else [])
         if not hit:

@@ -28,6 +28,8 @@ import numpy as np
 
 
 def ours_once(model, n_prompt, n_gen, rng):
+    if model.device == "cuda":
+        return ours_once_cuda(model, n_prompt, n_gen, rng)
     out = {}
     if n_prompt:
         ids = rng.integers(0, model.config.n_vocab, n_prompt).astype(np.int32)
@@ -42,6 +44,51 @@ def ours_once(model, n_prompt, n_gen, rng):
             model._decode(int(tok))
         out["tg"] = n_gen / (time.perf_counter() - t)
     return out
+
+
+def ours_once_cuda(model, n_prompt, n_gen, rng):
+    """pp: the prompt in batches of n_batch, timed to the device's completion. tg: greedy steps,
+    each one replay of the decode graph with the argmax on the device and the id back to the host
+    (llama-bench's tg does not even sample: this is the stricter measure)."""
+    from numba_apr.model_cuda import CudaStepper
+    from numba_apr.sampling import SamplingParams
+
+    runner, out = model.runner, {}
+    if n_prompt:
+        ids = rng.integers(0, model.config.n_vocab, n_prompt).astype(np.int32)
+        runner.stream.synchronize()
+        t = time.perf_counter()
+        model._eval(ids, 0, host=False)
+        runner.stream.synchronize()
+        out["pp"] = n_prompt / (time.perf_counter() - t)
+    if n_gen:
+        step = getattr(model, "_bench_stepper", None)
+        if step is None:  # one stepper (one captured graph) per process, as in generation
+            step = model._bench_stepper = CudaStepper(model, SamplingParams(temperature=0.0))
+        tok = step.first([model.tokenizer.bos_id or 0])
+        t = time.perf_counter()
+        for _ in range(n_gen):
+            tok = step.next(tok)
+        out["tg"] = n_gen / (time.perf_counter() - t)
+    return out
+
+
+def gpu_copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Device-to-device copy on the GPU, bytes read + written per second (GB/s), best of a few:
+    what anchors.md quotes for the H100 (about 3.0 TB/s)."""
+    from numba import cuda
+
+    a = cuda.device_array(int(gib * 2**30) // 4, np.int32)
+    b = cuda.device_array_like(a)
+    b.copy_to_device(a)
+    cuda.synchronize()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_to_device(a)
+        cuda.synchronize()
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> tuple[float, float]:
@@ -100,13 +147,14 @@ def usable_llama_bench(path: str) -> str:
     return str(dst / "llama-bench")
 
 
-def llama_once(exe, path, n_prompt, n_gen, threads):
+def llama_once(exe, path, n_prompt, n_gen, threads, device="cpu"):
     res = {}
     for kind, n in (("pp", n_prompt), ("tg", n_gen)):
         if not n:
             continue
         args = [exe, "-m", str(path), "-t", str(threads), "-r", "1", "-o", "json",
                 "-p", str(n if kind == "pp" else 0), "-n", str(n if kind == "tg" else 0)]
+        args += ["-ngl", "99"] if device == "cuda" else []
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"error: llama-bench failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -116,6 +164,8 @@ def llama_once(exe, path, n_prompt, n_gen, threads):
 
 def weight_bytes(model) -> int:
     """Bytes of weights one decode step reads (every matrix once; one embedding row)."""
+    if model.device == "cuda":
+        return model.runner.w.nbytes
     w = model.weights
 
     def size(t):  # a repacked matrix or raw GGUF rows
@@ -129,7 +179,7 @@ def one_repetition(path, a) -> dict:
     import numba_apr
 
     t = time.perf_counter()
-    model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads)
+    model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads, device=a.device)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     ours_once(model, min(a.n_prompt, 8), 2, rng)  # warm-up
@@ -151,6 +201,8 @@ def main():
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: our GPU backend, and llama-bench with -ngl 99 (a CUDA build)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one repetition
     a = ap.parse_args()
 
@@ -160,13 +212,13 @@ def main():
     if a.one:  # one repetition of ours, in this (child) process: print it as JSON
         print(json.dumps(one_repetition(path, a)))
         return
-    if a.llama_bench:
+    if a.llama_bench and a.device == "cpu":
         a.llama_bench = usable_llama_bench(a.llama_bench)
     ours, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
     runs = []
     for _ in range(a.repetitions):
         r = subprocess.run([sys.executable, __file__, path, "-p", str(a.n_prompt), "-n", str(a.n_gen),
-                            "-t", str(a.threads), "--one"], capture_output=True, text=True)
+                            "-t", str(a.threads), "--device", a.device, "--one"], capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"error: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -174,15 +226,21 @@ def main():
             if k in runs[-1]:
                 ours[k].append(runs[-1][k])
         if a.llama_bench:
-            for k, v in llama_once(a.llama_bench, path, a.n_prompt, a.n_gen, a.threads).items():
+            for k, v in llama_once(a.llama_bench, path, a.n_prompt, a.n_gen, a.threads, a.device).items():
                 theirs[k].append(v)
 
     load_s, rss, gb = min(r["load_s"] for r in runs), max(r["rss_mib"] for r in runs), runs[0]["gb"]
-    bw = read_bandwidth()
     print(f"model {os.path.basename(path)}  ({os.path.getsize(path) / 2**20:.0f} MiB, "
-          f"{gb:.3f} GB of weights per decode step), threads {a.threads}")
-    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB; memory read bandwidth {bw[0]:.1f} GB/s "
-          f"(plain sum), {bw[1]:.1f} GB/s (with prefetch)")
+          f"{gb:.3f} GB of weights per decode step), " + ("GPU" if a.device == "cuda" else f"threads {a.threads}"))
+    if a.device == "cuda":
+        copy = gpu_copy_bandwidth()
+        bw, bw_name = (copy, copy), "of the device copy bandwidth"
+        print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB; device-to-device copy {copy:.0f} GB/s "
+              "(read + written)")
+    else:
+        bw, bw_name = read_bandwidth(), "of the prefetching sum"
+        print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MiB; memory read bandwidth {bw[0]:.1f} GB/s "
+              f"(plain sum), {bw[1]:.1f} GB/s (with prefetch)")
     head = f"{'test':>8} | {'numba_apr tok/s':>17}"
     if a.llama_bench:
         head += f" | {'llama.cpp tok/s':>17} | ratio"
@@ -194,7 +252,7 @@ def main():
         if theirs[k]:
             line += f" | {fmt(theirs[k])} | {statistics.mean(ours[k]) / statistics.mean(theirs[k]):.2f}x"
         if k == "tg":
-            line += f"   ({statistics.mean(ours[k]) * gb:.1f} GB/s of weights, {statistics.mean(ours[k]) * gb / bw[1]:.0%} of the prefetching sum)"
+            line += f"   ({statistics.mean(ours[k]) * gb:.1f} GB/s of weights, {statistics.mean(ours[k]) * gb / bw[1]:.0%} {bw_name})"
         print(line)
 
 

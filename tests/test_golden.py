@@ -7,6 +7,10 @@ For each model and prompt:
 - the greedy continuation equals llama.cpp's token for token up to the first step whose margin
   is under the tolerance, both by evaluating prompt + continuation as one batch and through
   `generate` (token-by-token decoding).
+
+Each model runs on the CPU, and with device="cuda" on a real GPU (same thresholds); the CUDA
+cases are skipped where numba.cuda sees no GPU (CI, where tests/test_cuda_*.py cover the GPU
+kernels under the simulator). On a GPU machine: `NUMBA_ENABLE_CUDASIM=0 pytest tests/test_golden.py`.
 """
 import json
 
@@ -34,13 +38,24 @@ def golden(name):
     return json.loads((GOLDEN / f"{name}.json").read_text())
 
 
-@pytest.fixture(scope="module", params=MODELS)
+def gpu_present() -> bool:
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        return False
+    from numba import cuda
+    return cuda.is_available()
+
+
+@pytest.fixture(scope="module", params=[(m, d) for d in ("cpu", "cuda") for m in MODELS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request):
     import numba_apr
 
-    name = request.param
+    name, device = request.param
+    if device == "cuda" and not gpu_present():
+        pytest.skip("no CUDA GPU (set NUMBA_ENABLE_CUDASIM=0 on a GPU machine)")
     g = golden(name)
-    model = numba_apr.load(model_path(g["model"]), n_ctx=2048)
+    model = numba_apr.load(model_path(g["model"]), n_ctx=2048, device=device)
     assert model.config.n_vocab == g["n_vocab"]
     return name, g, model
 
@@ -91,8 +106,8 @@ def test_golden(case):
             assert text == c["greedy_text"]
         steps += n_trust
     d = np.concatenate(diffs)
-    REPORT[name] = (float(d.max()), float(d.mean()), checked, steps)
-    print(f"\n{name}: |logit diff| at llama.cpp top-10: max {d.max():.4f} mean {d.mean():.4f}; "
+    REPORT[name, model.device] = (float(d.max()), float(d.mean()), checked, steps)
+    print(f"\n{name} ({model.device}): |logit diff| at llama.cpp top-10: max {d.max():.4f} mean {d.mean():.4f}; "
           f"{checked} prompt argmaxes and {steps} greedy steps checked")
     assert checked > 0 and steps > 0
     assert d.max() <= MAX_ABS_DIFF[name]

@@ -1,0 +1,293 @@
+"""The transformer on an NVIDIA GPU: `DeviceWeights` (uploaded once), `DeviceState` (every buffer
+and the KV cache, allocated once), `forward` (the same steps as model.py's, through the fused
+kernels of kernels/cuda/) and `CudaRunner`, which runs prompts eagerly and replays each decode
+step from one CUDA graph.
+
+A decode step is ~7-10 launches a layer; launched from Python each costs ~20 us, which alone
+would cap a 24-layer model near 200 tok/s. So the step (embedding of the last sampled token,
+every layer, the output head, the sampler and the position increment) is captured once into a
+CUDA graph and replayed: the token id and the position live in device memory, and the only
+host traffic per token is the 4-byte token id coming back.
+
+Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, for CI) there are no graphs: the same step
+runs eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from .arch import Config
+from ._numba import cuda_jit
+from .errors import NumbaAprError
+from .kernels.cuda import ptx
+from .kernels.cuda.attention import attention, attention_workspace
+from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
+                               rmsnorm_add, rope_kv, rope_table)
+from .kernels.cuda.qmatmul import SUPPORTED, DeviceMatrix, concat, qmatmul, upload
+from .model import Weights
+
+
+@dataclass
+class DeviceLayer:
+    attn_norm: object                       # f32 [n_embd]
+    qkv: list[tuple[DeviceMatrix, int]]     # (matrix, first output column): one fused matrix when Q/K/V share a type
+    bqkv: object                            # f32 [q + k + v] or None
+    wo: DeviceMatrix
+    ffn_norm: object
+    gate_up: list[tuple[DeviceMatrix, int]]  # [gate; up] rows: one matrix when they share a type
+    w_down: DeviceMatrix
+    q_norm: object = None
+    k_norm: object = None
+    post_attn_norm: object = None
+    post_ffn_norm: object = None
+
+
+@dataclass
+class DeviceWeights:
+    token_embd: DeviceMatrix
+    output_norm: object
+    output: DeviceMatrix   # token_embd itself when tied
+    layers: list[DeviceLayer]
+
+    @property
+    def nbytes(self) -> int:
+        mats = {id(m): m for L in self.layers for m, _ in L.qkv + L.gate_up}
+        mats.update({id(L.wo): L.wo for L in self.layers})
+        mats.update({id(L.w_down): L.w_down for L in self.layers})
+        mats[id(self.output)] = self.output
+        return sum(m.nbytes for m in mats.values())
+
+
+def _fused(tensors, K) -> list[tuple[DeviceMatrix, int]]:
+    """Upload matrices that share one input: row-concatenated into one when they share a type."""
+    for t in tensors:
+        if t.qtype not in SUPPORTED:
+            raise NumbaAprError(f"tensor {t.name} of type {t.type_name} has no CUDA kernel")
+    if len({t.qtype for t in tensors}) == 1:
+        return [(upload(concat([t.raw for t in tensors]), tensors[0].qtype, K), 0)]
+    out, col = [], 0
+    for t in tensors:
+        out.append((upload(t.raw, t.qtype, K), col))
+        col += t.raw.shape[0]
+    return out
+
+
+def _vec(v):
+    return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32))
+
+
+def upload_weights(c: Config, w: Weights) -> DeviceWeights:
+    layers = []
+    for L in w.layers:
+        bqkv = None if L.bq is None else np.concatenate([L.bq, L.bk, L.bv])
+        layers.append(DeviceLayer(
+            _vec(L.attn_norm), _fused([L.wq, L.wk, L.wv], c.n_embd), _vec(bqkv),
+            _fused([L.wo], c.n_head * c.head_dim_v)[0][0], _vec(L.ffn_norm),
+            _fused([L.w_gate, L.w_up], c.n_embd), _fused([L.w_down], c.n_ff)[0][0],
+            _vec(L.q_norm), _vec(L.k_norm), _vec(L.post_attn_norm), _vec(L.post_ffn_norm)))
+    embd = _fused([w.token_embd], c.n_embd)[0][0]
+    output = embd if w.output is w.token_embd else _fused([w.output], c.n_embd)[0][0]
+    return DeviceWeights(embd, _vec(w.output_norm), output, layers)
+
+
+class DeviceState:
+    """Every buffer a step uses, for batches of up to n_batch tokens and n_ctx positions."""
+
+    def __init__(self, c: Config, n_ctx: int, n_batch: int):
+        B, f32 = n_batch, np.float32
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        nq, nk, nv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+        self.x = cuda.device_array((B, c.n_embd), f32)             # residual stream
+        self.qkv = cuda.device_array((B, nq + nk + nv), f32)       # [q | k | v] projections
+        self.att = cuda.device_array((B, c.n_head * c.head_dim_v), f32)  # attention output
+        self.proj = cuda.device_array((B, c.n_embd), f32)          # wo / w_down output before a post-norm
+        self.ffn = cuda.device_array((B, 2 * c.n_ff), f32)         # [gate | up]
+        widest = max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v)
+        self.act = ActBuffers.allocate(B, widest)                  # quantized input of a product
+        self.logits = cuda.device_array((1, c.n_vocab), f32)       # next-token logits
+        self.all_logits = None                                     # [n_batch, n_vocab], made when first asked
+        self.tokens = cuda.device_array(B, np.int32)               # token ids of the batch (decode: [0])
+        self.pos = cuda.device_array(1, np.int32)                  # position of the batch's first token
+        # KV cache in f16, as llama.cpp's: [layer, position, kv_head * dim]
+        self.k_cache = cuda.device_array((c.n_layer, n_ctx, nk), np.float16)
+        self.v_cache = cuda.device_array((c.n_layer, n_ctx, nv), np.float16)
+        self.att_ws = attention_workspace(n_ctx, c.n_head, c.head_dim_v)  # split-K partials of decode attention
+        self.rope = {b: rope_table(n_ctx, c.rope_dim, b) for b in {p.rope_base for p in c.layers}}
+
+
+def _project(out, mats, act, T, stream, bias=None):
+    for m, col in mats:
+        b = None if bias is None else bias[col:col + m.rows]
+        qmatmul(out[:, col:col + m.rows], m, act, T, stream, bias=b)
+
+
+def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False):
+    """Run s.tokens[:T] at positions s.pos[0] .. + T-1 through the model (device-side inputs),
+    filling the KV cache; the logits of the last token go to s.logits, or of every token to
+    s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised."""
+    x, eps = s.x, c.norm_eps
+    nq, n_ff = c.n_head * c.head_dim, c.n_ff
+    act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
+    embed(x, s.tokens, w.token_embd, T, c.embd_scale, stream)
+
+    for l, (L, plan) in enumerate(zip(w.layers, c.layers)):
+        # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write, attention.
+        a = quantize_act(s.act, x, T, stream, MODE_NORM, L.attn_norm, eps)
+        _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
+        rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_cache[l], s.v_cache[l],
+                stream, s.act.empty)
+        attention(s.att, s.qkv[:, :nq], s.k_cache[l], s.v_cache[l], s.pos, T, c.n_head, c.n_head_kv,
+                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws)
+        a = quantize_act(s.act, s.att, T, stream)
+        _residual(x, s.proj, L.wo, a, L.post_attn_norm, eps, T, stream)
+
+        # Feed-forward block: norm+quantize, gate/up in one product, act(gate)*up+quantize, down.
+        a = quantize_act(s.act, x, T, stream, MODE_NORM, L.ffn_norm, eps)
+        _project(s.ffn, L.gate_up, a, T, stream)
+        a = quantize_act(s.act, s.ffn[:, :n_ff], T, stream, act_mode, src2=s.ffn[:, n_ff:])
+        _residual(x, s.proj, L.w_down, a, L.post_ffn_norm, eps, T, stream)
+
+    # Output head: only the rows whose logits are wanted.
+    if all_logits:
+        a = quantize_act(s.act, x, T, stream, MODE_NORM, w.output_norm, eps)
+        qmatmul(s.all_logits, w.output, a, T, stream)
+    else:
+        a = quantize_act(s.act, x[T - 1:T], 1, stream, MODE_NORM, w.output_norm, eps)
+        qmatmul(s.logits, w.output, a, 1, stream)
+
+
+def _residual(x, proj, m, act, post_norm, eps, T, stream):
+    """x += m(act), or x += rmsnorm(m(act)) * post_norm (gemma3)."""
+    if post_norm is None:
+        qmatmul(x, m, act, T, stream, accumulate=True)
+    else:
+        qmatmul(proj, m, act, T, stream)
+        rmsnorm_add(x, proj, post_norm, eps, T, stream)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_core():
+    try:
+        from cuda.core import Device
+    except ImportError:
+        from cuda.core.experimental import Device
+    return Device
+
+
+@cuda_jit
+def _next_pos(pos):
+    pos[0] += 1
+
+
+class CudaRunner:
+    """Owns the device weights, the workspace and the captured decode graphs."""
+
+    def __init__(self, c: Config, w: Weights, n_ctx: int, n_batch: int):
+        if not (ptx.SIM or cuda.is_available()):
+            raise NumbaAprError("device 'cuda': no CUDA GPU is available (numba.cuda found none)")
+        self.c = c
+        if ptx.SIM:
+            self.core_stream, self.stream = None, cuda.stream()
+        else:
+            dev = _cuda_core()()
+            dev.set_current()
+            self.core_stream = dev.create_stream()
+            self.stream = cuda.external_stream(int(self.core_stream.handle))
+        self.w = upload_weights(c, w)
+        self.s = DeviceState(c, n_ctx, n_batch)
+        self.graphs = {}            # sampler key -> captured decode step
+        self._host_tok = cuda.pinned_array(1, np.int32) if not ptx.SIM else np.zeros(1, np.int32)
+        self._ahead = None          # (token, position) the device's inputs already hold
+
+
+    # -- eager evaluation (prompts, and logits for callers that want them on the host) --------
+    def _set_inputs(self, ids: np.ndarray, pos0: int):
+        # From pageable memory: the copy is staged before the call returns, so the host arrays
+        # are free to change at once (a pinned buffer would be read later, asynchronously).
+        self.s.tokens[:len(ids)].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=self.stream)
+        self.s.pos.copy_to_device(np.array([pos0], np.int32), stream=self.stream)
+        self._ahead = None
+
+    def eval(self, ids: np.ndarray, pos0: int, want_all: bool = False):
+        """Evaluate ids (<= n_batch) at pos0..; logits stay on the device (s.logits / s.all_logits)."""
+        T = len(ids)
+        self._set_inputs(ids, pos0)
+        if want_all and self.s.all_logits is None:
+            self.s.all_logits = cuda.device_array((self.s.n_batch, self.c.n_vocab), np.float32)
+        forward(self.c, self.w, self.s, T, self.stream, all_logits=want_all)
+
+    def logits_host(self, want_all: bool, T: int) -> np.ndarray:
+        src = self.s.all_logits[:T] if want_all else self.s.logits
+        out = src.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return out
+
+    # -- decode steps: eager under the simulator, else one CUDA graph per sampler --------------
+    def _step(self, sampler, stream):
+        forward(self.c, self.w, self.s, 1, stream)
+        sampler.sample(self.s.logits[0], self.s.tokens[0:1], stream)
+        _next_pos[1, 1, stream](self.s.pos)
+
+    def decode_sample(self, token: int, pos: int, sampler) -> int:
+        """Feed `token` at `pos`, sample the next one on the device; returns its id.
+
+        After a step the device already holds (sampled token, pos + 1), which is what the next
+        call passes when generating: then nothing is copied to the device at all."""
+        if self._ahead != (token, pos):
+            self._set_inputs(np.array([token], np.int32), pos)
+        if not ptx.SIM and not sampler.graph_capturable:
+            forward(self.c, self.w, self.s, 1, self.stream)
+            self._ahead = None
+            return sampler.sample(self.s.logits[0], self.s.tokens[0:1], self.stream)
+        g = self.graphs.get(id(sampler))
+        if g is not None:
+            g.launch(self.core_stream)
+        else:
+            # The first step runs eagerly (compiling any kernel not yet compiled), then the
+            # same launches are recorded, not run, into the graph the later steps replay.
+            self._step(sampler, self.stream)
+            if not ptx.SIM:
+                gb = self.core_stream.create_graph_builder()
+                gb.begin_building()
+                self._step(sampler, gb)
+                self.graphs[id(sampler)] = gb.end_building().complete()
+        self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
+        self.stream.synchronize()
+        tok = int(self._host_tok[0])
+        self._ahead = (tok, pos + 1)
+        return tok
+
+
+class CudaStepper:
+    """The generation loop's stepper on the GPU: the prompt is evaluated eagerly, every token is
+    sampled on the device, and each following step is one graph replay (CudaRunner)."""
+
+    def __init__(self, model, params):
+        from .kernels.cuda.sampling import DeviceSampler
+        self.model, self.runner = model, model.runner
+        self.sampler = DeviceSampler(model.config.n_vocab, params, model.n_ctx)
+
+    def first(self, prompt_ids) -> int:
+        m, r = self.model, self.runner
+        m._prefill(prompt_ids, host=False)
+        self.sampler.set_history(m._history(), r.stream)
+        s = r.s
+        tok = self.sampler.sample(s.logits[0], s.tokens[0:1], r.stream)
+        if tok is None:  # sampled on the device: the id comes back through the token buffer
+            s.tokens[0:1].copy_to_host(r._host_tok, stream=r.stream)
+            r.stream.synchronize()
+            tok = int(r._host_tok[0])
+        r._ahead = None
+        return tok
+
+    def next(self, token: int) -> int:
+        m = self.model
+        pos = m.n_past
+        tok = self.runner.decode_sample(token, pos, self.sampler)
+        m.tokens[pos] = token
+        m.n_past = pos + 1
+        return tok
