@@ -34,21 +34,23 @@ GELU_C = math.sqrt(2.0 / math.pi)
 class ActBuffers:
     """An activation as the products read it: [rows, K] for up to `rows` tokens."""
     xf: object     # float32 [rows, K]
-    xq: object     # int32 [rows, K/4]: 4 int8 quants each
+    xq: object     # int32 [rows, K/4]: 4 int8 quants each (what the dp4a products read)
     xd: object     # float32 [rows, K/32]: scale per 32
     xs: object     # int32 [rows, K/16]: sum of each 16 quants
     empty: object  # float32 [0]: "no bias"
+    xq8: object    # int8 view of xq [rows, K] (what the quantizer writes)
 
     @classmethod
     def allocate(cls, rows: int, K: int) -> "ActBuffers":
-        return cls(cuda.device_array((rows, K), np.float32), cuda.device_array((rows, K // 4), np.int32),
+        xq = cuda.device_array((rows, K // 4), np.int32)
+        return cls(cuda.device_array((rows, K), np.float32), xq,
                    cuda.device_array((rows, K // 32), np.float32), cuda.device_array((rows, K // 16), np.int32),
-                   cuda.device_array(0, np.float32))
+                   cuda.device_array(0, np.float32), xq.view(np.int8))
 
     def cols(self, K: int) -> "ActBuffers":
         """The views for an input of K <= capacity columns."""
         return ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32], self.xs[:, :K // 16],
-                          self.empty)
+                          self.empty, self.xq8[:, :K])
 
 
 @cuda_jit(device=True)
@@ -72,9 +74,19 @@ def _round_away(a):
     return int(a + 0.5) if a >= 0 else -int(0.5 - a)
 
 
+QB = 8  # 32-value quantization blocks a CUDA block takes: one a warp
+
+
 @cuda_jit
-def _quantize_act(src, src2, w, eps, mode, xf, xq, xd, xs, K):
-    t = cuda.blockIdx.x
+def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
+    # One warp per 32-value block, a lane per value: coalesced, and the absmax and the sums are
+    # warp butterflies. (The first version gave each thread a whole block and one CUDA block a
+    # token: ~10 us a launch at decode, four launches a layer.) For the norm, every CUDA block
+    # sums the row's squares itself (K floats from L2): cheaper than another launch.
+    t = cuda.blockIdx.y
+    lane = cuda.threadIdx.x & 31
+    b = cuda.blockIdx.x * QB + (cuda.threadIdx.x >> 5)
+    nb = K // 32
     buf = cuda.shared.array(32, np.float32)
     scale = np.float32(1.0)
     if mode == MODE_NORM:
@@ -83,42 +95,38 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq, xd, xs, K):
             ss += src[t, i] * src[t, i]
         ss = _block_sum(ss, buf)
         scale = np.float32(1.0) / math.sqrt(ss / K + eps)
-    for b in range(cuda.threadIdx.x, K // 32, cuda.blockDim.x):
-        amax = np.float32(0.0)
-        for i in range(32 * b, 32 * b + 32):
-            v = src[t, i]
-            if mode == MODE_NORM:
-                v = v * scale * w[i]
-            elif mode == MODE_SILU:
-                v = v / (np.float32(1.0) + math.exp(-v)) * src2[t, i]
-            elif mode == MODE_GELU:
-                # tanh(y) = 1 - 2 / (exp(2y) + 1): fast-math's tanh is a coarse approximation
-                y = np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v)
-                th = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * y) + np.float32(1.0))
-                v = np.float32(0.5) * v * (np.float32(1.0) + th) * src2[t, i]
-            xf[t, i] = v
-            amax = max(amax, abs(v))
-        d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        xd[t, b] = d
-        for h in range(2):
-            s = 0
-            for k in range(4):
-                word = 0
-                for j in range(4):
-                    q = _round_away(xf[t, 32 * b + 16 * h + 4 * k + j] * inv)
-                    s += q
-                    word |= (q & 0xFF) << (8 * j)
-                xq[t, 8 * b + 4 * h + k] = np.int32(word - (1 << 32) if word >= (1 << 31) else word)
-            xs[t, 2 * b + h] = s
+    i = 32 * min(b, nb - 1) + lane   # warps past the last block redo it and store nothing
+    v = src[t, i]
+    if mode == MODE_NORM:
+        v = v * scale * w[i]
+    elif mode == MODE_SILU:
+        v = v / (np.float32(1.0) + math.exp(-v)) * src2[t, i]
+    elif mode == MODE_GELU:
+        # tanh(y) = 1 - 2 / (exp(2y) + 1): fast-math's tanh is a coarse approximation
+        y = np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v)
+        th = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * y) + np.float32(1.0))
+        v = np.float32(0.5) * v * (np.float32(1.0) + th) * src2[t, i]
+    amax = ptx.warp_max(abs(v))
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    q = _round_away(v * inv)
+    lo = ptx.warp_sum(q if lane < 16 else 0)
+    hi = ptx.warp_sum(q if lane >= 16 else 0)
+    if b < nb:
+        xf[t, i] = v
+        xq8[t, i] = q
+        if lane == 0:
+            xd[t, b] = amax / np.float32(127.0)
+            xs[t, 2 * b] = lo
+            xs[t, 2 * b + 1] = hi
 
 
 def quantize_act(act: ActBuffers, src, T: int, stream, mode=MODE_COPY, w=None, eps=0.0, src2=None):
     """act <- src[:T] (K = src.shape[1] columns), transformed by `mode`, as float and as q8."""
     K = src.shape[1]
     a = act.cols(K)
-    _quantize_act[T, BLOCK, stream](src, src if src2 is None else src2, act.empty if w is None else w,
-                                    np.float32(eps), mode, a.xf, a.xq, a.xd, a.xs, K)
+    _quantize_act[((K // 32 + QB - 1) // QB, T), 32 * QB, stream](
+        src, src if src2 is None else src2, act.empty if w is None else w, np.float32(eps), mode,
+        a.xf, a.xq8, a.xd, a.xs, K)
     return a
 
 

@@ -338,8 +338,20 @@ def _half_dot(xq, t, e, q0, q1, q2, q3):
 
 
 def _make_kernel(unit, NT):
+    UNROLL = 2 if NT == 1 else 1
+    @cuda_jit(device=True)
+    def accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs, t0, T, keep):
+        l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
+        for i in range(NT):
+            t = min(t0 + i, T - 1)
+            s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
+            s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
+            a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
+            a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
+            acc[i] += keep * (xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1)
+
     @cuda_jit
-    def kernel(out, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate):
+    def kernel(out, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
         lane = cuda.threadIdx.x & 31
         r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
         t0 = cuda.blockIdx.y * NT
@@ -347,23 +359,23 @@ def _make_kernel(unit, NT):
         for i in range(NT):
             acc[i] = 0.0
         rr = min(r, rows - 1)  # warps past the last row compute row rows-1 and store nothing
-        for u in range(lane, n_units, 32):
-            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
-                w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u)
-            for i in range(NT):
-                t = min(t0 + i, T - 1)
-                s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
-                s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
-                a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
-                a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
-                acc[i] += xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
+        # Decoding: two units a lane per trip, so each lane has two 16-byte weight loads in
+        # flight (one warp-row alone is latency-bound: a DRAM load takes ~0.6 us). Measured
+        # on an H100: 0.5B decode 490 -> 670 tok/s (with the quantizer rewrite), but prompts
+        # 2.6k -> 1.4k tok/s, so the NT-token tiles keep one unit a trip.
+        for u in range(lane, n_units, 32 * UNROLL):
+            accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u, xq, xd, xs, t0, T, np.float32(1.0))
+            if UNROLL == 2:
+                u2 = u + 32
+                accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, min(u2, n_units - 1), xq, xd, xs, t0,
+                           T, np.float32(1.0) if u2 < n_units else np.float32(0.0))
         for i in range(NT):
             v = ptx.warp_sum(acc[i])
             t = t0 + i
             if lane == 0 and r < rows and t < T:
                 if bias.shape[0] > 0:
                     v += bias[r]
-                if accumulate:
+                if accumulate_out:
                     out[t, r] += v
                 else:
                     out[t, r] = v
