@@ -1,0 +1,1166 @@
+"""Token sampling on the GPU (numba.cuda): the CPU sampler's chain, graph-capturable.
+
+`DeviceSampler.sample(logits, out_token, stream)` reads a float32 logits vector in device memory
+and writes the drawn token id to out_token[0] (an int32 device array), appends it to a device-side
+token history and advances a device-side random counter. It launches two kernels and nothing else:
+no allocation, no host synchronisation, no host<->device copy, so a decode step
+forward -> logits -> sample can be captured in one CUDA graph, and only the token id comes back.
+Every top_k runs on the device (there is no host fallback: `graph_capturable` is always True).
+
+The chain is llama.cpp's, as `numba_apr.sampling` states it (`sample_ref` is the specification):
+repetition penalty over the last repeat_last_n history tokens -> top-k -> top-p -> min-p ->
+temperature -> a draw at a uniform u, in float64. The caller's logits are never written: the
+penalty is applied on the fly wherever a kernel reads a logit (each block marks the history
+tokens that fall in its tile in shared memory).
+
+Order and ties. Every logit is ranked by a 63-bit key: the order-preserving bits of its (penalised)
+float32 value above the complement of its index. Keys are unique, and descending key order is a
+stable descending sort (equal values: lower index first), i.e. sample_ref's argsort. So greedy
+returns the first index among equal maxima, a tie at the k-th value keeps the lower indices, and
+the draw walks the kept tokens in that order: the first whose cumulative probability exceeds u.
+One exception: with top-k and top-p both off, the draw walks the kept tokens in index order (see
+below); the distribution is the same, only the token a given u maps to differs.
+
+The two kernels (a grid of ceil(n_vocab / (threads * per_thread)) blocks of `threads`, each thread
+reading `per_thread` logits; 256 x 4 by default). Neither needs a grid-wide barrier: the last
+block to finish (threadfence + a done counter, CUDA's threadFenceReduction pattern) does the
+serial part.
+
+* `_k_scan`: every block reduces its penalised tile to its largest key (warp shuffles) and does one
+  atomicMax; with top-k (or top-p) on it also bins its keys' top 12 bits (sign, exponent, three
+  mantissa bits) into a shared histogram merged into a global one. The last block reads the
+  maximum M. Greedy (temperature <= 0, or top_k = 1) ends here. Else it walks the histogram from
+  the top to the bin holding the k-th largest key (top_k, or ADAPT_K = 512 with top-k off).
+* `_k_select` (returns at once when greedy): every block re-reads its tile, then by parameters:
+  - top-k on: the keys in or above that bin (a superset of the top k: normally tens to hundreds)
+    are compacted into a candidate buffer. The last block sorts them in shared memory (rank
+    counting up to 256, bitonic up to sort_cap = 2048; radix select for the k-th key first when
+    there are more), then runs top-p / min-p / temperature / the draw as block scans;
+  - top-k off, top-p on: the min-p survivors are compacted, the ~ADAPT_K best apart from the
+    rest, and the whole vocabulary's softmax mass is summed per block (top-p normalises over it).
+    As llama.cpp does, the nucleus is first looked for among the best, exactly; only a wider one
+    brings the rest in;
+  - top-k and top-p off: the final set (min-p's survivors or everything) is known, so each block
+    sums its weights exp((v - M) / T) and the draw walks the vocabulary in index order: the
+    block whose partial sum crosses u, then, re-read, its tile.
+  Candidate sets too large to sort (flat logits, top_k above 2048, a nucleus wider than the best
+  ~512 with min-p off) go through radix select (8-bit digits over the keys, with count or
+  softmax-mass histograms) in the last block alone: correct for any k, but slow (milliseconds on
+  a 152k vocabulary).
+
+Measured on an H100 (152k vocabulary, both kernels replayed from a CUDA graph, 2.3 us of which is
+the graph launch): greedy 9.9 us (10.9 with a 64-token penalty window), top_k = 1 10.2 us,
+llama.cpp's defaults (top-k 40, top-p 0.95, min-p 0.05) 30 us, top-k off with min-p 28.9 us,
+top-k and top-p off 20 us, top-k 1024 59 us, top-k off with top-p 0.9 52 us; top-p 0.999 with
+min-p off 3.5 ms (the radix path). The CPU Sampler takes 35 us for the defaults on the logits
+(plus their copy to the host). Most of the sampling time is the last blocks' serial work.
+
+Parameters (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, and a forced u for
+tests) live in a small device array written by __init__/reset, so one captured graph serves any
+of them (scalar kernel arguments would be frozen into the graph). The random uniform is
+splitmix64(seed + (step + 1) * golden) >> 11 scaled to [0, 1) (`splitmix_uniform` on the host),
+with the step counter in device memory, advanced by every sample (greedy included, as the CPU
+Sampler draws u on every call).
+
+Under NUMBA_ENABLE_CUDASIM=1 the same kernels run in numba's simulator: the bit casts, the
+generator and the warp reductions have plain-Python twins (as in ptx.py), and importing this
+module there makes the simulator's shared-array allocation thread-safe (see
+_thread_safe_sim_shared). Use small `threads` / `per_thread` there.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import cuda
+
+from numba_apr._numba import cuda_jit
+from numba_apr.errors import NumbaAprError
+from numba_apr.kernels.cuda import ptx
+from numba_apr.sampling import SamplingParams
+
+SIM = ptx.SIM
+
+# Exact IEEE arithmetic here (the package default is fast-math): the penalty's float32 quotient,
+# the float64 softmax and the threshold compares must match the CPU chain; the kernels are
+# latency-bound, so fast-math would buy nothing.
+_OPTS = dict(fastmath=False)
+
+# Layout of the small device arrays.
+P_TEMP, P_TOPK, P_TOPP, P_MINP, P_PEN, P_LASTN, P_U = 0, 1, 2, 3, 4, 5, 6   # prm (float64)
+N_PRM = 8
+C_HIST, C_DONE1, C_DONE2, C_NCAND, C_BSTAR, C_NREST, C_NKEPT = 0, 1, 2, 3, 4, 5, 6  # ctl (int32)
+N_CTL = 8
+S_MAX, S_TAU, S_NFIN, S_MIN = 0, 1, 2, 3                                   # st (int64)
+N_ST = 4
+R_SEED, R_STEP = 0, 1                                                      # rng (uint64)
+F_M = 0                                                                    # fctl (float64)
+
+MAX_THREADS = 512        # block size bound (the tail kernel's registers: 1024 fails to launch)
+MAX_PER = 16             # logits per thread bound (local candidate buffer)
+MAX_TILE = 8192          # threads * per_thread bound (shared penalty flags)
+NBINS = 4096             # top 12 bits of the value key: sign, exponent, 3 mantissa bits
+BIN_SHIFT = 51           # key >> 51 = those 12 bits (the value key sits at bit 31)
+SORT_CAP_MAX = 2048      # shared sort buffer (16 KB of int64)
+ADAPT_K = 512            # top-k off, top-p on: the nucleus is looked for among this many first
+RANK_MAX = 256           # up to this many keys are sorted by rank counting, more by a bitonic sort
+RANK_PER = RANK_MAX // 32
+
+MODE_W, MODE_ONE, MODE_EXP, MODE_TEMP = 0, 1, 2, 3   # weights: array, count, exp(v-M), exp((v-M)/T)
+_I64_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_INV53 = 1.0 / 9007199254740992.0
+_M64 = (1 << 64) - 1
+
+
+def splitmix_uniform(seed: int, step: int) -> float:
+    """The device generator's uniform for (seed, step), in plain Python: output `step` of the
+    splitmix64 stream started at `seed`, top 53 bits scaled to [0, 1)."""
+    z = (int(seed) + (int(step) + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z ^= z >> 31
+    return (z >> 11) * _INV53
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bit casts, the generator, the int64 warp max and the warp scan: device code on a GPU, Python twins
+# in the simulator (which has no warp shuffles: its twins go through shared memory and barriers)
+
+if SIM:
+    def _thread_safe_sim_shared():
+        """numba's simulator keys a block's shared arrays by source line and creates one the
+        first time a thread reaches the line, unlocked: two threads arriving together can each
+        create one and then work on different "shared" arrays (seen here as ~10% of sampling
+        calls failing). The same lookup, under a lock. Simulator only; idempotent."""
+        import sys
+        import threading
+        from numba.core import types
+        from numba.cuda.simulator import kernelapi
+        from numba.np import numpy_support
+
+        cls = kernelapi.FakeCUDAShared
+        if getattr(cls, "_numba_apr_locked", False):
+            return
+        lock = threading.Lock()
+        dynamic = cls.array
+
+        def array(self, shape, dtype):
+            if shape == 0:
+                return dynamic(self, shape, dtype)
+            if isinstance(dtype, types.Type):
+                dtype = numpy_support.as_dtype(dtype)
+            f = sys._getframe(1)
+            caller = (f.f_code.co_filename, f.f_lineno)
+            with lock:
+                res = self._allocations.get(caller)
+                if res is None:
+                    res = self._allocations[caller] = np.empty(shape, dtype)
+            return res
+
+        cls.array = array
+        cls._numba_apr_locked = True
+
+    _thread_safe_sim_shared()
+
+    def _f2bits(v):
+        return int(np.float32(v).view(np.uint32))
+
+    def _uniform(seed, step):
+        return splitmix_uniform(int(seed), int(step))
+
+    def _warp_max_i64(v):
+        buf = cuda.shared.array(MAX_THREADS, np.int64)   # one per block (keyed by line)
+        t = cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[t] = v
+        cuda.syncthreads()
+        base = t - t % 32
+        r = np.int64(buf[base:min(base + 32, cuda.blockDim.x)].max())
+        cuda.syncthreads()
+        return r
+
+    def _warp_scan_f64(v):
+        buf = cuda.shared.array(MAX_THREADS, np.float64)
+        t = cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[t] = v
+        cuda.syncthreads()
+        r = float(np.sum(buf[t - t % 32:t + 1]))
+        cuda.syncthreads()
+        return r
+else:
+    from numba.cuda import libdevice
+
+    @cuda_jit(device=True, inline=True, **_OPTS)
+    def _f2bits(v):
+        return np.int64(libdevice.float_as_int(np.float32(v))) & 0xFFFFFFFF
+
+    @cuda_jit(device=True, inline=True, **_OPTS)
+    def _uniform(seed, step):
+        z = seed + (step + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        return np.float64(z >> np.uint64(11)) * _INV53
+
+    @cuda_jit(device=True, inline=True, **_OPTS)
+    def _warp_max_i64(v):
+        for m in (16, 8, 4, 2, 1):
+            o = cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
+            if o > v:
+                v = o
+        return v
+
+    @cuda_jit(device=True, inline=True, **_OPTS)
+    def _warp_scan_f64(v):
+        """Inclusive prefix sum over the lanes of a warp (Kogge-Stone, shfl.up)."""
+        lane = cuda.threadIdx.x & 31
+        for d in (1, 2, 4, 8, 16):
+            o = cuda.shfl_up_sync(0xFFFFFFFF, v, d)
+            if lane >= d:
+                v += o
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+
+@cuda_jit(device=True, inline=True, **_OPTS)
+def _key(v, i):
+    """The rank key of value v (float32) at index i: order-preserving value bits, then ~index."""
+    b = _f2bits(v)
+    if b == 0x80000000:
+        b = 0          # -0.0 ranks with +0.0 (sample_ref's sort sees them equal)
+    if b >= 0x80000000:
+        k = b ^ 0xFFFFFFFF
+    else:
+        k = b | 0x80000000
+    return (np.int64(k) << 31) | (0x7FFFFFFF - np.int64(i))
+
+
+@cuda_jit(device=True, inline=True, **_OPTS)
+def _kval(key):
+    """The float64 value of the float32 a key ranks."""
+    k = key >> 31
+    if k >= 0x80000000:
+        b = k ^ 0x80000000
+    else:
+        b = k ^ 0xFFFFFFFF
+    return np.float64(ptx.f32_bits(b))
+
+
+@cuda_jit(device=True, inline=True, **_OPTS)
+def _kidx(key):
+    return 0x7FFFFFFF - (key & 0x7FFFFFFF)
+
+
+def key_host(value, index):
+    """`_key` on the host (tests): the rank key of float32 `value` at `index`."""
+    b = int(np.float32(value).view(np.uint32))
+    if b == 0x80000000:
+        b = 0
+    k = b ^ 0xFFFFFFFF if b >= 0x80000000 else b | 0x80000000
+    return (k << 31) | (0x7FFFFFFF - int(index))
+
+
+@cuda_jit(device=True, inline=True, **_OPTS)
+def _wkey(key, mode, M, inv_t):
+    """Weight of a key: 1 (counting), exp(v - M) (top-p mass) or exp((v - M) / T) (the draw)."""
+    if mode == MODE_ONE:
+        return 1.0
+    d = _kval(key) - M
+    if mode == MODE_EXP:
+        return math.exp(d)
+    # d == 0 apart: a subnormal temperature makes inv_t infinite, and 0 * inf is NaN.
+    if d < 0.0:
+        return math.exp(d * inv_t)
+    return 1.0
+
+
+@cuda_jit(device=True, inline=True, **_OPTS)
+def _pen_value(v, flagged, pen):
+    """llama.cpp's penalty on one float32 logit, in float64 then rounded (as the CPU kernel)."""
+    if flagged:
+        if v <= 0.0:
+            return np.float32(np.float64(v) * pen)
+        return np.float32(np.float64(v) / pen)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block-wide helpers. All of them contain barriers: call them with every thread of the block, in
+# block-uniform control flow.
+
+@cuda_jit(device=True, **_OPTS)
+def _mark_penalised(hist, prm, ctl, flags, base, tile):
+    """flags[e] = 1 for the tile's logits named in the penalty window (once however often they
+    appear: marking is idempotent, so no dedup is needed). Returns whether the penalty is on."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    pen = prm[P_PEN]
+    last_n = np.int64(prm[P_LASTN])
+    on = pen != 1.0 and last_n != 0
+    if on:
+        for e in range(t, tile, nt):
+            flags[e] = 0
+        cnt = np.int64(ctl[C_HIST])
+        start = 0
+        if last_n > 0 and cnt > last_n:
+            start = cnt - last_n
+        cuda.syncthreads()
+        for w in range(start + t, cnt, nt):
+            e = np.int64(hist[w]) - base
+            if e >= 0 and e < tile:
+                flags[e] = 1
+        cuda.syncthreads()
+    return on
+
+
+@cuda_jit(device=True, **_OPTS)
+def _block_max(v, wred):
+    t = cuda.threadIdx.x
+    lane = t & 31
+    v = _warp_max_i64(v)
+    if lane == 0:
+        wred[t >> 5] = v
+    cuda.syncthreads()
+    x = np.int64(-1)
+    if lane < (cuda.blockDim.x >> 5):
+        x = wred[lane]
+    x = _warp_max_i64(x)
+    cuda.syncthreads()
+    return x
+
+
+@cuda_jit(device=True, **_OPTS)
+def _block_sum(v, wsum):
+    t = cuda.threadIdx.x
+    lane = t & 31
+    v = ptx.warp_sum(np.float64(v))
+    if lane == 0:
+        wsum[t >> 5] = v
+    cuda.syncthreads()
+    x = 0.0
+    if lane < (cuda.blockDim.x >> 5):
+        x = wsum[lane]
+    x = ptx.warp_sum(x)
+    cuda.syncthreads()
+    return x
+
+
+@cuda_jit(device=True, **_OPTS)
+def _last_block(ctl, slot, ri):
+    """True in the last block of the grid to get here (all others' writes are then visible)."""
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        ri[0] = 1 if cuda.atomic.add(ctl, slot, 1) == cuda.gridDim.x - 1 else 0
+    cuda.syncthreads()
+    last = ri[0] != 0
+    if last:
+        cuda.threadfence()
+    return last
+
+
+@cuda_jit(device=True, **_OPTS)
+def _scan_inplace(tsum, wtot):
+    """Inclusive prefix sum of tsum[:blockDim], in place: a shuffle scan in each warp, then each
+    thread adds the totals of the warps before its own (two barriers, against 2 log2(threads) for
+    a shared-memory scan). wtot: 32 float64 of shared scratch."""
+    t = cuda.threadIdx.x
+    w = t >> 5
+    x = _warp_scan_f64(tsum[t])
+    if (t & 31) == 31:
+        wtot[w] = x
+    cuda.syncthreads()
+    off = 0.0
+    for i in range(w):
+        off += wtot[i]
+    tsum[t] = x + off
+    cuda.syncthreads()
+
+
+@cuda_jit(device=True, **_OPTS)
+def _cross(keys, w, n, mode, M, inv_t, need, frac, strict, tsum, wtot, ri, rf):
+    """Where a cumulative sum crosses `need`, over weights in order: w[j] (mode MODE_W) or _wkey of
+    keys[j]. With frac >= 0 the target is frac * (the total). Returns (r, above, total, lastpos):
+    r the first position whose inclusive cumulative weight is >= need (> need when strict), -1 if
+    none; above the cumulative weight before r; lastpos, when r is -1, the last position with a
+    positive weight (else -1).
+    Each thread sums a contiguous chunk, a block scan orders the chunks, and the one chunk where
+    the sum crosses is walked again."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    per = (n + nt - 1) // nt
+    j0 = min(t * per, n)
+    j1 = min(j0 + per, n)
+    s = 0.0
+    lastpos = -1
+    for j in range(j0, j1):
+        x = np.float64(w[j]) if mode == MODE_W else _wkey(keys[j], mode, M, inv_t)
+        s += x
+        if x > 0.0:
+            lastpos = j
+    if t == 0:
+        ri[2] = n
+        ri[3] = -1
+    tsum[t] = s
+    cuda.syncthreads()
+    _scan_inplace(tsum, wtot)
+    incl = tsum[t]
+    excl = tsum[t - 1] if t > 0 else 0.0
+    total = tsum[nt - 1]
+    if frac >= 0.0:
+        need = frac * total
+    if strict:
+        hit = incl > need
+        before = t > 0 and excl > need
+    else:
+        hit = incl >= need
+        before = t > 0 and excl >= need
+    if hit and not before and j0 < j1:
+        acc = excl
+        found = j1 - 1      # rounding between the scan and this walk: the chunk's end
+        for j in range(j0, j1):
+            acc += np.float64(w[j]) if mode == MODE_W else _wkey(keys[j], mode, M, inv_t)
+            if (acc > need) if strict else (acc >= need):
+                found = j
+                break
+        cuda.atomic.min(ri, 2, found)
+    cuda.syncthreads()
+    r = ri[2]
+    if r < n and j0 <= r and r < j1:
+        acc = excl
+        for j in range(j0, r):
+            acc += np.float64(w[j]) if mode == MODE_W else _wkey(keys[j], mode, M, inv_t)
+        rf[0] = acc
+    cuda.syncthreads()
+    above = rf[0] if r < n else total
+    lp = -1
+    if r >= n:
+        # Only then (rare: rounding) the last positive weight, one atomic per thread.
+        if lastpos >= 0:
+            cuda.atomic.max(ri, 3, lastpos)
+        cuda.syncthreads()
+        lp = ri[3]
+    cuda.syncthreads()       # everyone has read ri/rf before the next call rewrites them
+    if r >= n:
+        r = -1
+    return r, above, total, lp
+
+
+@cuda_jit(device=True, **_OPTS)
+def _load_sorted(cand, nc, lo, skeys, tsum, wsum):
+    """Copy the keys >= lo of cand[:nc] into skeys (all of them when lo < 0) and sort them
+    descending. Returns their count (the caller knows it fits). The filtered copy takes offsets
+    from a block scan of per-thread counts: one shared counter for all would serialise."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    if lo < 0:
+        for i in range(t, nc, nt):
+            skeys[i] = cand[i]
+        cnt = nc
+    else:
+        per = (nc + nt - 1) // nt
+        j0 = min(t * per, nc)
+        j1 = min(j0 + per, nc)
+        c = 0
+        for j in range(j0, j1):
+            if cand[j] >= lo:
+                c += 1
+        tsum[t] = np.float64(c)
+        cuda.syncthreads()
+        _scan_inplace(tsum, wsum)
+        o = np.int64(tsum[t]) - c
+        cnt = np.int64(tsum[nt - 1])
+        for j in range(j0, j1):
+            key = cand[j]
+            if key >= lo:
+                skeys[o] = key
+                o += 1
+    cuda.syncthreads()
+    if cnt <= RANK_MAX:
+        # Few keys (the usual top-k case): each one's rank is the count of larger keys (unique
+        # keys: a permutation). O(cnt^2 / threads) broadcast reads, two barriers instead of the
+        # sort's log2(cnt)^2 / 2.
+        kl = cuda.local.array(RANK_PER, np.int64)
+        rk = cuda.local.array(RANK_PER, np.int64)
+        m = 0
+        for i in range(t, cnt, nt):
+            key = skeys[i]
+            r = 0
+            for j in range(cnt):
+                if skeys[j] > key:
+                    r += 1
+            kl[m] = key
+            rk[m] = r
+            m += 1
+        cuda.syncthreads()
+        for q in range(m):
+            skeys[rk[q]] = kl[q]
+        cuda.syncthreads()
+        return cnt
+    p = 2
+    while p < cnt:
+        p <<= 1
+    for i in range(cnt + t, p, nt):
+        skeys[i] = -1
+    cuda.syncthreads()
+    size = 2
+    while size <= p:
+        stride = size >> 1
+        while stride > 0:
+            for i in range(t, p >> 1, nt):
+                a = ((i & ~(stride - 1)) << 1) | (i & (stride - 1))
+                b = a + stride
+                x = skeys[a]
+                y = skeys[b]
+                # Segments whose `size` bit is clear end descending, the others ascending; the
+                # last merge (size == p) is all descending.
+                if (x < y) == ((a & size) == 0):
+                    skeys[a] = y
+                    skeys[b] = x
+            cuda.syncthreads()
+            stride >>= 1
+        size <<= 1
+    return cnt
+
+
+@cuda_jit(device=True, **_OPTS)
+def _radix_select(cand, nc, lo, mode, M, inv_t, need, strict, hmass, hcnt, tsum, wsum, ri, rf):
+    """Among the keys >= lo of cand[:nc], in descending order: the key where the cumulative weight
+    (_wkey) first reaches `need` (exceeds it when strict): the k-th largest when counting, the end
+    of a softmax-mass prefix otherwise. If the whole set falls short (rounding), its smallest key.
+    8-bit digits from the top, one histogram pass each; stops once the chosen bin holds one key."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    prefix = np.int64(0)
+    short = False
+    for d in range(7, -1, -1):
+        sh = 8 * d
+        for q in range(t, 256, nt):
+            hmass[q] = 0.0
+            hcnt[q] = 0
+        cuda.syncthreads()
+        for i in range(t, nc, nt):
+            key = cand[i]
+            if key >= lo:
+                ok = True
+                if d < 7:
+                    ok = (key >> (sh + 8)) == prefix
+                if ok:
+                    q = 255 - np.int64((key >> sh) & 255)    # bins in descending order
+                    if mode != MODE_ONE:
+                        cuda.atomic.add(hmass, q, _wkey(key, mode, M, inv_t))
+                    cuda.atomic.add(hcnt, q, 1)
+        cuda.syncthreads()
+        r = -1
+        above = 0.0
+        if not short:
+            if mode == MODE_ONE:
+                r, above, total, lp = _cross(cand, hcnt, 256, MODE_W, M, inv_t, need, -1.0, strict,
+                                             tsum, wsum, ri, rf)
+            else:
+                r, above, total, lp = _cross(cand, hmass, 256, MODE_W, M, inv_t, need, -1.0, strict,
+                                             tsum, wsum, ri, rf)
+            if r < 0:
+                short = True
+        if short:
+            # Keep everything: descend through the lowest non-empty bins to the smallest key.
+            if t == 0:
+                ri[1] = -1
+            cuda.syncthreads()
+            for q in range(t, 256, nt):
+                if hcnt[q] > 0:
+                    cuda.atomic.max(ri, 1, q)
+            cuda.syncthreads()
+            r = ri[1]
+            cuda.syncthreads()
+        else:
+            need -= above
+        prefix = (prefix << 8) | (255 - r)
+        single = hcnt[r] == 1
+        # Everyone has read hcnt before the next pass clears it (else a late thread sees the bin
+        # emptied, takes the other branch, and the block's barriers no longer match).
+        cuda.syncthreads()
+        if d == 0:
+            return prefix
+        if single:
+            # One key left under this prefix: fetch it instead of more passes.
+            for i in range(t, nc, nt):
+                key = cand[i]
+                if key >= lo and (key >> sh) == prefix:
+                    ri[1] = key
+            cuda.syncthreads()
+            res = ri[1]
+            cuda.syncthreads()
+            return res
+    return prefix
+
+
+@cuda_jit(device=True, **_OPTS)
+def _mass(cand, nc, lo, mode, M, inv_t, wsum):
+    """Total weight of the keys >= lo of cand[:nc]."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    s = 0.0
+    for i in range(t, nc, nt):
+        key = cand[i]
+        if key >= lo:
+            s += _wkey(key, mode, M, inv_t)
+    return _block_sum(s, wsum)
+
+
+@cuda_jit(device=True, **_OPTS)
+def _draw_sorted(skeys, c, M, inv_t, u, st, tsum, wsum, ri, rf):
+    """Temperature and the draw over the c best sorted keys: the first whose cumulative weight
+    exceeds u * total (the last with any weight if rounding leaves u above them all)."""
+    r, above, total, lp = _cross(skeys, skeys, c, MODE_TEMP, M, inv_t, 0.0, u, True, tsum, wsum, ri, rf)
+    if r < 0:
+        r = lp if lp >= 0 else 0
+    if cuda.threadIdx.x == 0:
+        st[S_TAU] = skeys[c - 1]
+        st[S_NFIN] = c
+    return _kidx(skeys[r])
+
+
+@cuda_jit(device=True, **_OPTS)
+def _chain_sorted(skeys, kk, M, top_p, min_p, inv_t, zext, u, topk_on, st, tsum, wsum, ri, rf):
+    """top-p, min-p, temperature and the draw over the kk best keys, sorted in skeys. The top-p
+    mass is normalised over those kk (top-k on) or is the whole vocabulary's `zext` (top-k off)."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    c = kk
+    if top_p < 1.0:
+        if topk_on:
+            r, above, total, lp = _cross(skeys, skeys, kk, MODE_EXP, M, inv_t, 0.0, top_p, False,
+                                         tsum, wsum, ri, rf)
+        else:
+            r, above, total, lp = _cross(skeys, skeys, kk, MODE_EXP, M, inv_t, top_p * zext, -1.0,
+                                         False, tsum, wsum, ri, rf)
+        if r >= 0:
+            c = r + 1
+    if min_p > 0.0:
+        thr = M + math.log(min_p)
+        if t == 0:
+            ri[1] = c
+        cuda.syncthreads()
+        # Sorted: the one position where the values cross the threshold writes it.
+        for j in range(t + 1, c, nt):
+            if _kval(skeys[j]) < thr and not _kval(skeys[j - 1]) < thr:
+                ri[1] = j
+        cuda.syncthreads()
+        cm = ri[1]
+        cuda.syncthreads()
+        c = max(cm, 1)
+    return _draw_sorted(skeys, c, M, inv_t, u, st, tsum, wsum, ri, rf)
+
+
+@cuda_jit(device=True, **_OPTS)
+def _chain_generic(cand, nc, lo, M, top_p, min_p, inv_t, zext, u, topk_on, sort_cap, st, skeys,
+                   hmass, hcnt, tsum, wsum, wred, ri, rf):
+    """The chain over the keys >= lo of a candidate set too large to sort: every stage keeps a
+    prefix of the descending order, so each is a threshold key and the final set is the keys at or
+    above the largest of them."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    tau = lo
+    if top_p < 1.0:
+        z = zext
+        if topk_on:
+            z = _mass(cand, nc, lo, MODE_EXP, M, inv_t, wsum)
+        tp = _radix_select(cand, nc, lo, MODE_EXP, M, inv_t, top_p * z, False, hmass, hcnt, tsum,
+                           wsum, ri, rf)
+        if tp > tau:
+            tau = tp
+    if min_p > 0.0:
+        thr = M + math.log(min_p)
+        low = _I64_MAX
+        for i in range(t, nc, nt):
+            key = cand[i]
+            if key >= lo and _kval(key) >= thr and key < low:
+                low = key
+        tm = _I64_MAX - _block_max(_I64_MAX - low, wred)
+        if tm > tau:
+            tau = tm
+    # The final set's size, and its smallest key (tau may be a bound below it: -1, or min-p's).
+    low = _I64_MAX
+    c = 0.0
+    for i in range(t, nc, nt):
+        key = cand[i]
+        if key >= tau:
+            c += 1.0
+            if key < low:
+                low = key
+    nf = np.int64(_block_sum(c, wsum))
+    tau = _I64_MAX - _block_max(_I64_MAX - low, wred)
+    if nf <= sort_cap:
+        _load_sorted(cand, nc, tau, skeys, tsum, wsum)
+        return _draw_sorted(skeys, nf, M, inv_t, u, st, tsum, wsum, ri, rf)
+    wt = _mass(cand, nc, tau, MODE_TEMP, M, inv_t, wsum)
+    td = _radix_select(cand, nc, tau, MODE_TEMP, M, inv_t, u * wt, True, hmass, hcnt, tsum, wsum, ri, rf)
+    if t == 0:
+        st[S_TAU] = tau
+        st[S_NFIN] = nf
+    return _kidx(td)
+
+
+@cuda_jit(device=True, **_OPTS)
+def _draw_by_index(logits, hist, prm, ctl, st, zpart, flags, skeys, M, thr, inv_t, u, n, tile, tsum,
+                   wsum, ri, rf):
+    """The draw over min-p's survivors (or everything) in index order, from the blocks' partial
+    weights in zpart: the block whose cumulative weight first exceeds u * total, then, within its
+    tile (re-read and re-penalised here), the token, a chunk of sort buffer at a time."""
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    g = cuda.gridDim.x
+    rb, above, total, lpb = _cross(skeys, zpart, g, MODE_W, M, inv_t, 0.0, u, True, tsum, wsum,
+                                   ri, rf)
+    need = u * total - above
+    if rb < 0:
+        rb = lpb if lpb >= 0 else 0
+        need = math.inf                   # rounding: the last token with any weight
+    base = rb * tile
+    pen = prm[P_PEN]
+    pen_on = _mark_penalised(hist, prm, ctl, flags, base, tile)
+    ntile = min(tile, n - base)
+    tok = np.int64(-1)
+    last = base
+    for c0 in range(0, ntile, SORT_CAP_MAX):
+        clen = min(SORT_CAP_MAX, ntile - c0)
+        for e in range(t, clen, nt):
+            i = base + c0 + e
+            v = _pen_value(logits[i], pen_on and flags[c0 + e] != 0, pen)
+            if not np.float64(v) >= thr:
+                v = np.float32(-math.inf)      # out of the set: weight 0, same order
+            skeys[e] = _key(v, i)
+        cuda.syncthreads()
+        r, a2, tot2, lp2 = _cross(skeys, skeys, clen, MODE_TEMP, M, inv_t, need, -1.0, True, tsum,
+                                  wsum, ri, rf)
+        if r >= 0:
+            tok = base + c0 + r
+            break
+        if lp2 >= 0:
+            last = base + c0 + lp2
+        need -= tot2
+    if tok < 0:
+        tok = last
+    if t == 0:
+        st[S_NFIN] = cuda.atomic.exch(ctl, C_NKEPT, 0)
+        st[S_TAU] = cuda.atomic.exch(st, S_MIN, _I64_MAX)
+    return tok
+
+
+@cuda_jit(device=True, **_OPTS)
+def _emit(tok, out_token, hist, ctl, prm, rng):
+    """One thread: publish the token, append it to the history, advance the generator."""
+    out_token[0] = tok
+    c = ctl[C_HIST]
+    if c < hist.shape[0]:
+        hist[c] = tok
+        ctl[C_HIST] = c + 1
+    rng[R_STEP] = rng[R_STEP] + np.uint64(1)
+    prm[P_U] = -1.0     # a forced u serves one call
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+
+@cuda_jit(**_OPTS)
+def _k_scan(logits, hist, prm, ctl, st, rng, fctl, ghist, out_token, n, per):
+    """Pass 1: the penalised maximum (and, top-k on, the key histogram); greedy finishes here."""
+    flags = cuda.shared.array(MAX_TILE, np.uint8)
+    shist = cuda.shared.array(NBINS, np.int32)
+    tsum = cuda.shared.array(MAX_THREADS, np.float64)
+    wred = cuda.shared.array(32, np.int64)
+    wsum = cuda.shared.array(32, np.float64)
+    ri = cuda.shared.array(4, np.int64)
+    rf = cuda.shared.array(2, np.float64)
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    tile = nt * per
+    base = cuda.blockIdx.x * tile
+    k = np.int64(prm[P_TOPK])
+    # top_k = 1 keeps one token whatever the rest says: the argmax, as greedy.
+    sampling = prm[P_TEMP] > 0.0 and k != 1
+    topk_on = sampling and k > 0 and k < n
+    # top-k off, top-p on: bin for the ADAPT_K best too (pass 2 keeps them apart, see _k_select).
+    hist_on = topk_on or (sampling and prm[P_TOPP] < 1.0)
+    pen = prm[P_PEN]
+    pen_on = _mark_penalised(hist, prm, ctl, flags, base, tile)
+    if hist_on:
+        for q in range(t, NBINS, nt):
+            shist[q] = 0
+        cuda.syncthreads()
+    best = np.int64(-1)
+    for j in range(per):
+        e = j * nt + t
+        i = base + e
+        if i < n:
+            v = _pen_value(logits[i], pen_on and flags[e] != 0, pen)
+            key = _key(v, i)
+            if key > best:
+                best = key
+            if hist_on:
+                cuda.atomic.add(shist, key >> BIN_SHIFT, 1)
+    best = _block_max(best, wred)
+    if t == 0:
+        cuda.atomic.max(st, S_MAX, best)
+    if hist_on:
+        cuda.syncthreads()
+        for q in range(t, NBINS, nt):
+            c = shist[q]
+            if c != 0:
+                cuda.atomic.add(ghist, q, c)
+    if not _last_block(ctl, C_DONE1, ri):
+        return
+    # ---- the last block
+    if t == 0:
+        ri[1] = cuda.atomic.exch(st, S_MAX, np.int64(-1))
+    cuda.syncthreads()
+    top = ri[1]
+    if not sampling:
+        if t == 0:
+            st[S_TAU] = top
+            st[S_NFIN] = 1
+            _emit(_kidx(top), out_token, hist, ctl, prm, rng)
+            ctl[C_DONE1] = 0
+        return
+    if hist_on:
+        # The bin holding the k-th largest key, walking down from the top bin; the global
+        # histogram is cleared for the next call as it is read.
+        for q in range(t, NBINS, nt):
+            shist[q] = ghist[NBINS - 1 - q]
+            ghist[NBINS - 1 - q] = 0
+        cuda.syncthreads()
+        kt = k if topk_on else min(np.int64(ADAPT_K), n)
+        r, above, total, lp = _cross(st, shist, NBINS, MODE_W, 0.0, 0.0, np.float64(kt), -1.0, False,
+                                     tsum, wsum, ri, rf)
+        if t == 0:
+            ctl[C_BSTAR] = NBINS - 1 - r
+    if t == 0:
+        fctl[F_M] = _kval(top)
+        ctl[C_DONE1] = 0
+
+
+@cuda_jit(**_OPTS)
+def _k_select(logits, hist, prm, ctl, st, rng, fctl, cand, zpart, out_token, n, per, sort_cap):
+    """Pass 2 (sampling only): every block filters its tile; the last block runs the rest of the
+    chain. Three cases, from the parameters (block-uniform):
+
+    * top-k on: the keys in or above the k-th key's bin go to `cand` (a superset of the top k);
+    * top-k off, top-p on: the logits that pass min-p, split into the ones in or above the bin of
+      the ADAPT_K-th key (front of `cand`) and the others (back of `cand`), and the whole
+      vocabulary's softmax mass per block in zpart (top-p normalises over it);
+    * top-k and top-p off: nothing is compacted. The final set (min-p's survivors, or everything)
+      is known here, so each block sums its tokens' weights exp((v - M) / T) into zpart, and the
+      draw walks the vocabulary in index order: the block whose partial sum crosses u, then its
+      tile.
+    """
+    temp = prm[P_TEMP]
+    if not temp > 0.0 or np.int64(prm[P_TOPK]) == 1:
+        return              # greedy (or top_k = 1): pass 1 has done everything
+    flags = cuda.shared.array(MAX_TILE, np.uint8)
+    skeys = cuda.shared.array(SORT_CAP_MAX, np.int64)
+    hmass = cuda.shared.array(256, np.float64)
+    hcnt = cuda.shared.array(256, np.int32)
+    tsum = cuda.shared.array(MAX_THREADS, np.float64)
+    wsum = cuda.shared.array(32, np.float64)
+    wred = cuda.shared.array(32, np.int64)
+    ri = cuda.shared.array(4, np.int64)
+    rf = cuda.shared.array(2, np.float64)
+    loc = cuda.local.array(MAX_PER, np.int64)
+    loc2 = cuda.local.array(MAX_PER, np.int64)
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    b = cuda.blockIdx.x
+    tile = nt * per
+    base = b * tile
+    k = np.int64(prm[P_TOPK])
+    topk_on = k > 0 and k < n
+    top_p = prm[P_TOPP]
+    min_p = prm[P_MINP]
+    pen = prm[P_PEN]
+    inv_t = 1.0 / temp
+    M = fctl[F_M]
+    bstar = np.int64(ctl[C_BSTAR])
+    thr = -math.inf
+    if min_p > 0.0:
+        thr = M + math.log(min_p)
+    nucleus = (not topk_on) and top_p < 1.0
+    by_index = (not topk_on) and not top_p < 1.0
+    pen_on = _mark_penalised(hist, prm, ctl, flags, base, tile)
+    cnt = 0
+    cnt2 = 0
+    z = 0.0
+    low = _I64_MAX
+    for j in range(per):
+        e = j * nt + t
+        i = base + e
+        if i < n:
+            v = _pen_value(logits[i], pen_on and flags[e] != 0, pen)
+            key = _key(v, i)
+            if topk_on:
+                if (key >> BIN_SHIFT) >= bstar:
+                    loc[cnt] = key
+                    cnt += 1
+            else:
+                d = np.float64(v) - M
+                if nucleus:
+                    z += math.exp(d)
+                if np.float64(v) >= thr:
+                    if by_index:
+                        z += math.exp(d * inv_t) if d < 0.0 else 1.0
+                        cnt += 1
+                        if key < low:
+                            low = key
+                    elif (key >> BIN_SHIFT) >= bstar:
+                        loc[cnt] = key
+                        cnt += 1
+                    else:
+                        loc2[cnt2] = key
+                        cnt2 += 1
+    if by_index:
+        z = _block_sum(z, wsum)
+        c = _block_sum(np.float64(cnt), wsum)
+        low = _I64_MAX - _block_max(_I64_MAX - low, wred)
+        if t == 0:
+            zpart[b] = z
+            cuda.atomic.add(ctl, C_NKEPT, np.int32(c))
+            cuda.atomic.min(st, S_MIN, low)
+    else:
+        # One global atomic per block and list; within the block, offsets from a scan of the
+        # threads' counts (both lists at once: cnt + 65536 * cnt2 is exact in float64, and a
+        # tile holds fewer than 65536 logits). A shared counter for all would serialise.
+        mine = np.float64(cnt) + 65536.0 * np.float64(cnt2)
+        tsum[t] = mine
+        cuda.syncthreads()
+        _scan_inplace(tsum, wsum)
+        ex = np.int64(tsum[t] - mine)
+        tot = np.int64(tsum[nt - 1])
+        off = ex & 0xFFFF
+        off2 = ex >> 16
+        if t == 0:
+            ri[2] = cuda.atomic.add(ctl, C_NCAND, np.int32(tot & 0xFFFF))
+            if (tot >> 16) > 0:
+                ri[0] = cuda.atomic.add(ctl, C_NREST, np.int32(tot >> 16))
+        cuda.syncthreads()
+        g = ri[2] + off
+        for j in range(cnt):
+            cand[g + j] = loc[j]
+        g2 = n - 1 - (ri[0] + off2)       # the others fill `cand` from the back
+        for j in range(cnt2):
+            cand[g2 - j] = loc2[j]
+        if nucleus:
+            z = _block_sum(z, wsum)
+            if t == 0:
+                zpart[b] = z
+    if not _last_block(ctl, C_DONE2, ri):
+        return
+    # ---- the last block: the rest of the chain
+    u = prm[P_U]
+    if u < 0.0:
+        u = _uniform(rng[R_SEED], rng[R_STEP])
+    if by_index:
+        tok = _draw_by_index(logits, hist, prm, ctl, st, zpart, flags, skeys, M, thr, inv_t, u, n,
+                             tile, tsum, wsum, ri, rf)
+    else:
+        if t == 0:
+            ri[1] = cuda.atomic.exch(ctl, C_NCAND, 0)
+            ri[3] = cuda.atomic.exch(ctl, C_NREST, 0)
+        cuda.syncthreads()
+        nc = np.int64(ri[1])
+        nrest = np.int64(ri[3])
+        cuda.syncthreads()
+        zext = 0.0
+        if nucleus:
+            s = 0.0
+            for q in range(t, cuda.gridDim.x, nt):
+                s += zpart[q]
+            zext = _block_sum(s, wsum)
+        tok = np.int64(-1)
+        if nucleus and nc <= sort_cap:
+            # Adaptive top-p (llama.cpp's trick): the ADAPT_K or so best are a prefix of the
+            # order; if the nucleus ends among them the cut is exact and the rest is not looked at.
+            _load_sorted(cand, nc, np.int64(-1), skeys, tsum, wsum)
+            r, above, total, lp = _cross(skeys, skeys, nc, MODE_EXP, M, inv_t, top_p * zext, -1.0,
+                                         False, tsum, wsum, ri, rf)
+            if r >= 0 or nrest == 0:
+                # (No others: min-p ends the set before top-p would; the candidates passed it.)
+                tok = _draw_sorted(skeys, r + 1 if r >= 0 else nc, M, inv_t, u, st, tsum, wsum,
+                                   ri, rf)
+        if nucleus and tok < 0:
+            # A wider nucleus: bring the others next to the best (order does not matter).
+            m = min(n - nrest - nc, nrest)
+            for q in range(t, m, nt):
+                cand[nc + q] = cand[n - m + q]
+            nc += nrest
+            cuda.syncthreads()
+        if tok < 0:
+            kk = k if topk_on else n
+            if nc <= sort_cap:
+                _load_sorted(cand, nc, np.int64(-1), skeys, tsum, wsum)
+                tok = _chain_sorted(skeys, min(kk, nc), M, top_p, min_p, inv_t, zext, u, topk_on,
+                                    st, tsum, wsum, ri, rf)
+            else:
+                lo = np.int64(-1)
+                ns = nc
+                if topk_on:
+                    lo = _radix_select(cand, nc, lo, MODE_ONE, M, inv_t, np.float64(k), False,
+                                       hmass, hcnt, tsum, wsum, ri, rf)
+                    ns = k
+                if ns <= sort_cap:
+                    _load_sorted(cand, nc, lo, skeys, tsum, wsum)
+                    tok = _chain_sorted(skeys, ns, M, top_p, min_p, inv_t, zext, u, topk_on, st,
+                                        tsum, wsum, ri, rf)
+                else:
+                    tok = _chain_generic(cand, nc, lo, M, top_p, min_p, inv_t, zext, u, topk_on,
+                                         sort_cap, st, skeys, hmass, hcnt, tsum, wsum, wred, ri, rf)
+    if t == 0:
+        _emit(tok, out_token, hist, ctl, prm, rng)
+        ctl[C_DONE2] = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python side
+
+def _pow2(x):
+    return x > 0 and (x & (x - 1)) == 0
+
+
+class DeviceSampler:
+    """The sampling chain of `numba_apr.sampling.Sampler`, on the device, graph-capturable.
+
+    Every device buffer is allocated here, once. `threads` (a power of two, 32..512) and
+    `per_thread` (1..16) set the launch: ceil(n_vocab / (threads * per_thread)) blocks of `threads`;
+    `sort_cap` (1..2048) is the largest candidate set sorted in shared memory (tests lower it to
+    reach the radix-select paths with small vocabularies). The history holds n_ctx tokens; once
+    full, sampled tokens are no longer appended (a context is never longer than n_ctx).
+    """
+
+    graph_capturable = True   # no host fallback: every top_k runs on the device
+
+    def __init__(self, n_vocab: int, params: SamplingParams, n_ctx: int, *, threads: int = 256,
+                 per_thread: int = 4, sort_cap: int = SORT_CAP_MAX):
+        if isinstance(n_vocab, bool) or not isinstance(n_vocab, (int, np.integer)) or n_vocab < 1:
+            raise NumbaAprError(f"n_vocab must be a positive integer, got {n_vocab!r}")
+        if n_vocab >= 1 << 31:
+            raise NumbaAprError(f"n_vocab must be below 2**31, got {n_vocab}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
+            raise NumbaAprError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if not isinstance(params, SamplingParams):
+            raise NumbaAprError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if not (_pow2(threads) and 32 <= threads <= MAX_THREADS):
+            raise NumbaAprError(f"threads must be a power of two in [32, {MAX_THREADS}], got {threads}")
+        if not 1 <= per_thread <= MAX_PER or threads * per_thread > MAX_TILE:
+            raise NumbaAprError(f"per_thread must be in [1, {MAX_PER}] with threads * per_thread <= "
+                                f"{MAX_TILE}, got {per_thread}")
+        if not 1 <= sort_cap <= SORT_CAP_MAX:
+            raise NumbaAprError(f"sort_cap must be in [1, {SORT_CAP_MAX}], got {sort_cap}")
+        self.n_vocab = int(n_vocab)
+        self.n_ctx = int(n_ctx)
+        self.params = params
+        self.threads = int(threads)
+        self.per_thread = int(per_thread)
+        self.sort_cap = int(sort_cap)
+        self.grid = -(-self.n_vocab // (self.threads * self.per_thread))
+        n = self.n_vocab
+        self._prm = cuda.to_device(self._params_host(params, -1.0))
+        self._ctl = cuda.to_device(np.zeros(N_CTL, np.int32))
+        st = np.full(N_ST, -1, np.int64)
+        st[S_MIN] = _I64_MAX
+        self._st = cuda.to_device(st)
+        self._rng = cuda.to_device(np.zeros(2, np.uint64))
+        self._fctl = cuda.to_device(np.zeros(2, np.float64))
+        self._ghist = cuda.to_device(np.zeros(NBINS, np.int32))
+        self._cand = cuda.device_array(n, np.int64)
+        self._zpart = cuda.device_array(self.grid, np.float64)
+        self._hist = cuda.to_device(np.zeros(self.n_ctx, np.int32))
+        self.reset()
+
+    @staticmethod
+    def _params_host(p, u):
+        a = np.zeros(N_PRM, np.float64)
+        a[P_TEMP] = p.temperature
+        a[P_TOPK] = p.top_k
+        a[P_TOPP] = p.top_p
+        a[P_MINP] = p.min_p
+        a[P_PEN] = float(np.float32(p.repeat_penalty))   # llama.cpp's penalty is a float32
+        a[P_LASTN] = p.repeat_last_n
+        a[P_U] = u
+        return a
+
+    def reset(self, seed=None, stream=0):
+        """Re-seed the device generator (step 0): with `seed`, else params.seed, else OS entropy.
+        A host->device copy: not inside a graph."""
+        if seed is None:
+            seed = self.params.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise NumbaAprError(f"seed must be an integer, got {seed!r}")
+        if seed is None or seed < 0:
+            seed = int.from_bytes(os.urandom(8), "little")
+        self._rng.copy_to_device(np.array([int(seed) & _M64, 0], np.uint64), stream=stream)
+        self._prm.copy_to_device(self._params_host(self.params, -1.0), stream=stream)
+
+    def set_history(self, tokens, stream=0):
+        """Copy the token history (prompt + generated so far, oldest first) to the device and set
+        its count; `sample` appends from there. Host->device copies: not inside a graph."""
+        tok = np.ascontiguousarray(np.asarray(tokens).reshape(-1))
+        if tok.size and (not np.issubdtype(tok.dtype, np.integer) or tok.min() < 0
+                         or tok.max() >= self.n_vocab):
+            raise NumbaAprError(f"history holds id(s) outside the vocabulary [0, {self.n_vocab})")
+        if tok.size > self.n_ctx:
+            raise NumbaAprError(f"history of {tok.size} tokens exceeds n_ctx = {self.n_ctx}")
+        tok = tok.astype(np.int32, copy=False)
+        if tok.size:
+            self._hist[:tok.size].copy_to_device(tok, stream=stream)
+        ctl = np.zeros(N_CTL, np.int32)
+        ctl[C_HIST] = tok.size
+        self._ctl.copy_to_device(ctl, stream=stream)
+
+    def sample(self, logits, out_token, stream=0, u=None):
+        """Draw one token: out_token[0] = the id (int32 device array), appended to the device
+        history; the generator advances. `logits` (float32 device array of n_vocab) is only read.
+        Two kernel launches on `stream`, nothing else: graph-capturable.
+
+        `u` (tests): a float in [0, 1) replaces the generator's uniform for this call only (it is
+        written to the parameter array: a host->device copy, so not for graphs)."""
+        if getattr(logits, "shape", None) != (self.n_vocab,) or logits.dtype != np.float32:
+            raise NumbaAprError(f"logits must be a float32 device array of {self.n_vocab} values")
+        if u is not None:
+            if not 0.0 <= float(u) < 1.0:
+                raise NumbaAprError(f"u must be in [0, 1), got {u!r}")
+            self._prm.copy_to_device(self._params_host(self.params, float(u)), stream=stream)
+        args = (logits, self._hist, self._prm, self._ctl, self._st, self._rng, self._fctl)
+        _k_scan[self.grid, self.threads, stream](*args, self._ghist, out_token, self.n_vocab,
+                                                 self.per_thread)
+        _k_select[self.grid, self.threads, stream](*args, self._cand, self._zpart, out_token,
+                                                   self.n_vocab, self.per_thread, self.sort_cap)
+
+    # Inspection (synchronous device->host copies: tests and debugging, never in a decode loop).
+
+    def history(self):
+        """The device history, as a host int32 array."""
+        n = int(self._ctl.copy_to_host()[C_HIST])
+        return self._hist.copy_to_host()[:n]
+
+    @property
+    def step(self) -> int:
+        """How many uniforms the device generator has used since the last reset."""
+        return int(self._rng.copy_to_host()[R_STEP])
+
+    def last_selection(self):
+        """(count, last id) of the previous call's final candidate set, the tokens the draw chose
+        among: `count` tokens, ending (in descending value order, lower id first on ties) at `last`."""
+        st = self._st.copy_to_host()
+        return int(st[S_NFIN]), int(_kidx_host(int(st[S_TAU])))
+
+
+def _kidx_host(key):
+    return 0x7FFFFFFF - (key & 0x7FFFFFFF)
