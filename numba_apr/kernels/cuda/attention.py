@@ -519,21 +519,5 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             out, q, kw, vw, kstride, vstride, pos, T, group, n_hb, sc, win)
 
 
-def attention_ref(q, k, v, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window):
-    """float64 NumPy oracle: q [T, n_head*head_dim], k / v [n_ctx, ...] (f16 or f32) on the host;
-    returns [T, n_head*head_dim_v]."""
-    T = q.shape[0]
-    group = n_head // n_head_kv
-    out = np.zeros((T, n_head * head_dim_v))
-    for t in range(T):
-        p = pos0 + t
-        start = 0 if window <= 0 else max(0, p - window + 1)
-        for h in range(n_head):
-            g = h // group
-            qv = q[t, h * head_dim:(h + 1) * head_dim].astype(np.float64)
-            K = k[start:p + 1, g * head_dim:(g + 1) * head_dim].astype(np.float64)
-            V = v[start:p + 1, g * head_dim_v:(g + 1) * head_dim_v].astype(np.float64)
-            s = K @ qv * scale
-            w = np.exp(s - s.max())
-            out[t, h * head_dim_v:(h + 1) * head_dim_v] = w @ V / w.sum()
-    return out
+# The oracle is the CPU module's float64 reference (one statement of attention for both backends).
+from ..cpu.attention import attention_ref  # noqa: E402,F401
