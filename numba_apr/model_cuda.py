@@ -174,7 +174,10 @@ def _cuda_core():
     try:
         from cuda.core import Device
     except ImportError:
-        from cuda.core.experimental import Device
+        try:
+            from cuda.core.experimental import Device
+        except ImportError:
+            raise NumbaAprError("device 'cuda' needs the cuda-core package (pip install cuda-core)") from None
     return Device
 
 
