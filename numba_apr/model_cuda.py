@@ -24,6 +24,7 @@ from ._numba import cuda_jit
 from .errors import NumbaAprError
 from .kernels.cuda import ptx
 from .kernels.cuda.attention import attention, attention_workspace
+from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
 from .kernels.cuda.qmatmul import SUPPORTED, DeviceMatrix, concat, qmatmul, upload
@@ -115,13 +116,18 @@ class DeviceState:
         self.k_cache = cuda.device_array((c.n_layer, n_ctx, nk), np.float16)
         self.v_cache = cuda.device_array((c.n_layer, n_ctx, nv), np.float16)
         self.att_ws = attention_workspace(n_ctx, c.n_head, c.head_dim_v)  # split-K partials of decode attention
+        # Views made once: numba.cuda builds a strided view row by row in Python (~0.7 ms for a
+        # 512-row buffer, measured), which a prompt's forward would pay at every use.
+        self.q = self.qkv[:, :nq]                                  # [B, nq] the queries
+        self.gate, self.up = self.ffn[:, :c.n_ff], self.ffn[:, c.n_ff:]
+        self.k_layer = [self.k_cache[l] for l in range(c.n_layer)]  # [n_ctx, nk] each
+        self.v_layer = [self.v_cache[l] for l in range(c.n_layer)]
         self.rope = {b: rope_table(n_ctx, c.rope_dim, b) for b in {p.rope_base for p in c.layers}}
 
 
 def _project(out, mats, act, T, stream, bias=None):
     for m, col in mats:
-        b = None if bias is None else bias[col:col + m.rows]
-        qmatmul(out[:, col:col + m.rows], m, act, T, stream, bias=b)
+        qmatmul(out, m, act, T, stream, bias=bias, col=col)
 
 
 def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False):
@@ -129,7 +135,6 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     filling the KV cache; the logits of the last token go to s.logits, or of every token to
     s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised."""
     x, eps = s.x, c.norm_eps
-    nq, n_ff = c.n_head * c.head_dim, c.n_ff
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
     embed(x, s.tokens, w.token_embd, T, c.embd_scale, stream)
 
@@ -137,9 +142,9 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write, attention.
         a = quantize_act(s.act, x, T, stream, MODE_NORM, L.attn_norm, eps)
         _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
-        rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_cache[l], s.v_cache[l],
+        rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
                 stream, s.act.empty)
-        attention(s.att, s.qkv[:, :nq], s.k_cache[l], s.v_cache[l], s.pos, T, c.n_head, c.n_head_kv,
+        attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
                   c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws)
         a = quantize_act(s.act, s.att, T, stream)
         _residual(x, s.proj, L.wo, a, L.post_attn_norm, eps, T, stream)
@@ -147,7 +152,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # Feed-forward block: norm+quantize, gate/up in one product, act(gate)*up+quantize, down.
         a = quantize_act(s.act, x, T, stream, MODE_NORM, L.ffn_norm, eps)
         _project(s.ffn, L.gate_up, a, T, stream)
-        a = quantize_act(s.act, s.ffn[:, :n_ff], T, stream, act_mode, src2=s.ffn[:, n_ff:])
+        a = quantize_act(s.act, s.gate, T, stream, act_mode, src2=s.up)
         _residual(x, s.proj, L.w_down, a, L.post_ffn_norm, eps, T, stream)
 
     # Output head: only the rows whose logits are wanted.
@@ -155,7 +160,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         a = quantize_act(s.act, x, T, stream, MODE_NORM, w.output_norm, eps)
         qmatmul(s.all_logits, w.output, a, T, stream)
     else:
-        a = quantize_act(s.act, x[T - 1:T], 1, stream, MODE_NORM, w.output_norm, eps)
+        a = quantize_act(s.act, view_once(x, T, lambda: x[T - 1:T]), 1, stream, MODE_NORM, w.output_norm, eps)
         qmatmul(s.logits, w.output, a, 1, stream)
 
 

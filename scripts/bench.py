@@ -182,7 +182,7 @@ def one_repetition(path, a) -> dict:
     model = numba_apr.load(path, n_ctx=max(a.n_prompt, a.n_gen + 1, 16), threads=a.threads, device=a.device)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
-    ours_once(model, min(a.n_prompt, 8), 2, rng)  # warm-up
+    ours_once(model, a.n_prompt, 2, rng)  # warm-up: the same prompt size, as llama-bench does
     out = ours_once(model, a.n_prompt, a.n_gen, rng)
     out.update(load_s=load_s, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                gb=weight_bytes(model) / 1e9)

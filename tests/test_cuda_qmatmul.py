@@ -8,7 +8,7 @@ from numba import cuda
 from test_matmul import SEED, rng  # noqa: F401  (fixture)
 from test_quants import random_rows
 
-from numba_apr.kernels.cuda import ops
+from numba_apr.kernels.cuda import ops, ptx
 from numba_apr.kernels.cuda import qmatmul as qm
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F32", "F16", "BF16"]
@@ -20,17 +20,25 @@ def case(rng, name, N, K):
     return raw
 
 
-def run_product(raw, name, K, x, accumulate_into=None, bias=None):
-    T = x.shape[0]
+def run_product(raw, name, K, x, accumulate_into=None, bias=None, col=0):
+    """The product through qmatmul, written to columns col.. of an output 3 columns wider."""
+    T, N = x.shape[0], raw.shape[0]
     m = qm.upload(raw, Q[name], K)
     act = ops.ActBuffers.allocate(T, K)
     src = cuda.to_device(x)
     ops.quantize_act(act, src, T, 0)
-    init = np.zeros((T, raw.shape[0]), np.float32) if accumulate_into is None else accumulate_into
-    out = cuda.to_device(init)
+    init = np.zeros((T, N), np.float32) if accumulate_into is None else accumulate_into
+    wide = np.full((T, N + 3), np.float32(7.0))
+    wide[:, col:col + N] = init
+    out = cuda.to_device(wide)
+    if bias is not None:
+        bias = np.concatenate([np.full(col, np.float32(np.nan)), bias]).astype(np.float32)
     qm.qmatmul(out, m, act, T, 0, bias=None if bias is None else cuda.to_device(bias),
-               accumulate=accumulate_into is not None)
-    return out.copy_to_host()
+               accumulate=accumulate_into is not None, col=col)
+    got = out.copy_to_host()
+    outside = np.delete(got, np.s_[col:col + N], axis=1)
+    assert np.all(outside == 7.0), "wrote outside its columns"
+    return got[:, col:col + N]
 
 
 def check(got, want, K):
@@ -54,11 +62,63 @@ def test_prompt_tile_bias_and_accumulate(rng, name):
     K = 256 if name.endswith("_K") else 64
     raw = case(rng, name, 5, K)
     T = qm.PREFILL_NT + 2
+    assert T < qm.MMA_MIN_T
     x = rng.standard_normal((T, K)).astype(np.float32)
     res = rng.standard_normal((T, 5)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
     want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
-    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias), want, K)
+    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+
+
+@cuda.jit
+def _mma_probe(a, b, d):
+    lane = cuda.threadIdx.x
+    g, q = lane >> 2, lane & 3
+    c = ptx.mma_s8(a[g, q], a[g + 8, q], b[g, q])
+    d[g, 2 * q], d[g, 2 * q + 1], d[g + 8, 2 * q], d[g + 8, 2 * q + 1] = c[0], c[1], c[2], c[3]
+
+
+@cuda.jit
+def _mma_k32_probe(a, b, d):
+    lane = cuda.threadIdx.x
+    g, q = lane >> 2, lane & 3
+    c = ptx.mma_s8_k32(a[g, q], a[g + 8, q], a[g, 4 + q], a[g + 8, 4 + q], b[g, q], b[g, 4 + q])
+    d[g, 2 * q], d[g, 2 * q + 1], d[g + 8, 2 * q], d[g + 8, 2 * q + 1] = c[0], c[1], c[2], c[3]
+
+
+@pytest.mark.parametrize("k", [16, 32])
+def test_mma_fragment_layout(rng, k):
+    """ptx.mma_s8 / mma_s8_k32 are D = A @ B with the fragment layout the docstring gives (on a
+    GPU: the tensor-core instructions themselves, so a wrong layout assumption fails here)."""
+    A = rng.integers(-128, 128, (16, k)).astype(np.int8)
+    B = rng.integers(-128, 128, (k, 8)).astype(np.int8)
+    d = cuda.to_device(np.zeros((16, 8), np.int32))
+    probe = _mma_probe if k == 16 else _mma_k32_probe
+    probe[1, 32](cuda.to_device(A.view(np.int32)), cuda.to_device(np.ascontiguousarray(B.T).view(np.int32)), d)
+    np.testing.assert_array_equal(d.copy_to_host(), A.astype(np.int64) @ B.astype(np.int64))
+
+
+# The simulator takes ~25 s a case here: there, the three ways a unit's halves lie in the tile
+# (16, 32 and 64 values apart) and the narrow tile once; on a GPU, every type and both tiles.
+TC_CASES = ([("Q4_0", 64), ("Q4_K", 64), ("Q6_K", 64), ("Q4_K", 32)] if ptx.SIM else
+            [(n, nt) for n in TYPES[:8] for nt in (64, 32)])
+
+
+@pytest.mark.parametrize("name,tile", TC_CASES)
+def test_prompt_product_tensor_cores(rng, monkeypatch, name, tile):
+    """T >= MMA_MIN_T goes to the tensor-core kernel: two row blocks and a partial one of
+    tokens, K over two steps (a partial one for the 32-value types), bias and residual add,
+    into columns `col` onwards of a wider output. The tile of 64 tokens is used when it makes
+    two blocks an SM, so the SM count set here picks the tile."""
+    monkeypatch.setattr(qm, "_SMS", 1 if tile == 64 else 1000)
+    K = 2 * qm.MMA_K if name.endswith("_K") else qm.MMA_K + 32
+    N, T = qm.MMA_ROWS + 6, qm.MMA_MIN_T + 4
+    raw = case(rng, name, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
+    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
 
 
 def test_quantize_act_matches_reference(rng):
@@ -103,3 +163,23 @@ def test_embedding_rows(rng, name):
     ops.embed(x, cuda.to_device(ids), m, 3, 2.0, 0)
     want = dequantize(raw, Q[name]).reshape(7, K)[ids] * 2.0
     np.testing.assert_allclose(x.copy_to_host(), want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+
+
+def test_repeated_launches_on_a_stream(rng):
+    """launch.py: a call site's first launch goes through numba, the next ones straight to
+    cuda.core with the recorded arguments (on a GPU; numba's path under the simulator). New
+    inputs in the same buffers and a new token count must show in the results."""
+    K, N = 256, 6
+    raw = case(rng, "Q4_K", N, K)
+    m = qm.upload(raw, Q.Q4_K, K)
+    act = ops.ActBuffers.allocate(4, K)
+    src, out = cuda.device_array((4, K), np.float32), cuda.device_array((4, N), np.float32)
+    stream = cuda.stream()
+    for T in (4, 4, 3):
+        x = rng.standard_normal((4, K)).astype(np.float32)
+        src.copy_to_device(x, stream=stream)
+        ops.quantize_act(act, src, T, stream)
+        qm.qmatmul(out, m, act, T, stream)
+        got = out.copy_to_host(stream=stream)
+        stream.synchronize()
+        check(got[:T], qm.qmatmul_ref(raw, Q.Q4_K, K, x[:T]), K)

@@ -53,6 +53,7 @@ from numba import cuda
 
 from ..._numba import cuda_jit
 from . import ptx
+from .launch import launch, view_once
 from .ptx import f16_bits, f32_bits, ldg4, warp_max, warp_sum
 
 NT = 128              # threads a block
@@ -475,7 +476,7 @@ def _combine(out, po, ml, pos, window, n_split, DV):
 
 def _words(cache):
     """The f16 cache as one flat uint32 array (two halves a word) for 16-byte loads."""
-    return cache.reshape(cache.shape[0] * cache.shape[1]).view(np.uint32)
+    return view_once(cache, "words", lambda: cache.reshape(cache.shape[0] * cache.shape[1]).view(np.uint32))
 
 
 def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
@@ -506,16 +507,16 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             n_split = min(workspace[0].shape[1], max(1, -(-TARGET_BLOCKS // (n_head_kv * n_hb))))
         if n_split > 1:
             po, ml = workspace
-            decode[(n_head_kv * n_hb, n_split, T), NT, stream](
+            launch(decode, (n_head_kv * n_hb, n_split, T), NT, stream,
                 po, ml, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, n_split)
-            _combine[(n_head, T, DV // 32), NT, stream](out, po, ml, pos, win, n_split, DV)
+            launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV)
         else:
             # One split: the kernel writes normalised rows straight into out, seen as [T, 1, H, DV].
-            dst = out.reshape(out.shape[0], 1, n_head, DV)
-            decode[(n_head_kv * n_hb, 1, T), NT, stream](
+            dst = view_once(out, ("heads", n_head, DV), lambda: out.reshape(out.shape[0], 1, n_head, DV))
+            launch(decode, (n_head_kv * n_hb, 1, T), NT, stream,
                 dst, dst, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, 1)
     else:
-        prompt[(n_head_kv * n_hb, -(-T // WT)), NT, stream](
+        launch(prompt, (n_head_kv * n_hb, -(-T // WT)), NT, stream,
             out, q, kw, vw, kstride, vstride, pos, T, group, n_hb, sc, win)
 
 

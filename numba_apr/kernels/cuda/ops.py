@@ -23,6 +23,7 @@ from numba import cuda
 
 from ..._numba import cuda_jit
 from . import ptx
+from .launch import launch
 from .qmatmul import FLOAT_TYPES, UNITS, DeviceMatrix
 
 BLOCK = 256
@@ -48,9 +49,14 @@ class ActBuffers:
                    cuda.device_array(0, np.float32), xq.view(np.int8))
 
     def cols(self, K: int) -> "ActBuffers":
-        """The views for an input of K <= capacity columns."""
-        return ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32], self.xs[:, :K // 16],
-                          self.empty, self.xq8[:, :K])
+        """The views for an input of K <= capacity columns, made once per K: numba.cuda builds a
+        strided view's extents row by row in Python (~0.7 ms for 512 rows, measured), more
+        than the kernel that uses it."""
+        views = self.__dict__.setdefault("_views", {})
+        if K not in views:
+            views[K] = ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
+                                  self.xs[:, :K // 16], self.empty, self.xq8[:, :K])
+        return views[K]
 
 
 @cuda_jit(device=True)
@@ -71,7 +77,8 @@ def _block_sum(v, buf):
 
 @cuda_jit(device=True)
 def _round_away(a):
-    return int(a + 0.5) if a >= 0 else -int(0.5 - a)
+    h = np.float32(0.5)   # (a float64 literal would turn the whole expression float64)
+    return int(a + h) if a >= 0 else -int(h - a)
 
 
 QB = 8  # 32-value quantization blocks a CUDA block takes: one a warp
@@ -94,7 +101,7 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
         for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
             ss += src[t, i] * src[t, i]
         ss = _block_sum(ss, buf)
-        scale = np.float32(1.0) / math.sqrt(ss / K + eps)
+        scale = np.float32(1.0) / math.sqrt(ss / np.float32(K) + eps)
     i = 32 * min(b, nb - 1) + lane   # warps past the last block redo it and store nothing
     v = src[t, i]
     if mode == MODE_NORM:
@@ -124,7 +131,7 @@ def quantize_act(act: ActBuffers, src, T: int, stream, mode=MODE_COPY, w=None, e
     """act <- src[:T] (K = src.shape[1] columns), transformed by `mode`, as float and as q8."""
     K = src.shape[1]
     a = act.cols(K)
-    _quantize_act[((K // 32 + QB - 1) // QB, T), 32 * QB, stream](
+    launch(_quantize_act, ((K // 32 + QB - 1) // QB, T), 32 * QB, stream,
         src, src if src2 is None else src2, act.empty if w is None else w, np.float32(eps), mode,
         a.xf, a.xq8, a.xd, a.xs, K)
     return a
@@ -177,12 +184,12 @@ _EMBED: dict = {}
 def embed(x, tokens, m: DeviceMatrix, T: int, scale: float, stream):
     """x[t] = row tokens[t] of the embedding matrix, times scale, for t < T."""
     if m.qtype in FLOAT_TYPES:
-        _embed_float[T, BLOCK, stream](x, tokens, m.w, FLOAT_TYPES[m.qtype], m.K, np.float32(scale))
+        launch(_embed_float, T, BLOCK, stream, x, tokens, m.w, FLOAT_TYPES[m.qtype], m.K, np.float32(scale))
         return
     k = _EMBED.get(m.qtype)
     if k is None:
         k = _EMBED[m.qtype] = _make_embed(UNITS[m.qtype])
-    k[T, 64, stream](x, tokens, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.K // 32, np.float32(scale))
+    launch(k, T, 64, stream, x, tokens, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.K // 32, np.float32(scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ def _rope_kv(qkv, pos, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, 
         for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
             ss += qkv[t, o + i] * qkv[t, o + i]
         ss = _block_sum(ss, buf)
-        scale = np.float32(1.0) / math.sqrt(ss / head_dim + eps)
+        scale = np.float32(1.0) / math.sqrt(ss / np.float32(head_dim) + eps)
         cuda.syncthreads()
         for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
             qkv[t, o + i] = qkv[t, o + i] * scale * nw[i]
@@ -238,7 +245,7 @@ def rope_kv(qkv, pos, T, c, table, q_norm, k_norm, k_cache, v_cache, stream, emp
     then k and v (f16) into the cache at positions pos[0] + t."""
     cos, sin = table
     threads = min(128, max(32, c.head_dim // 2))
-    _rope_kv[(T, c.n_head + c.n_head_kv), threads, stream](
+    launch(_rope_kv, (T, c.n_head + c.n_head_kv), threads, stream,
         qkv, pos, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.rope_dim, c.rope_neox, cos, sin,
         empty if q_norm is None else q_norm, empty if k_norm is None else k_norm, np.float32(c.norm_eps),
         k_cache, v_cache)
@@ -252,11 +259,11 @@ def _rmsnorm_add(x, y, w, eps, K):
     for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
         ss += y[t, i] * y[t, i]
     ss = _block_sum(ss, buf)
-    scale = np.float32(1.0) / math.sqrt(ss / K + eps)
+    scale = np.float32(1.0) / math.sqrt(ss / np.float32(K) + eps)
     for i in range(cuda.threadIdx.x, K, cuda.blockDim.x):
         x[t, i] += y[t, i] * scale * w[i]
 
 
 def rmsnorm_add(x, y, w, eps, T, stream):
     """x[:T] += rmsnorm(y[:T]) * w."""
-    _rmsnorm_add[T, BLOCK, stream](x, y, w, np.float32(eps), x.shape[1])
+    launch(_rmsnorm_add, T, BLOCK, stream, x, y, w, np.float32(eps), x.shape[1])

@@ -8,12 +8,19 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   read-only cache (`ld.global.nc.v4.u32`): how weights are streamed (i must be a multiple of 4);
 * `f16_bits(h)` / `f32_bits(u)`: the float32 value of f16 / f32 bit patterns (`cvt` / `mov`);
 * `warp_sum(v)` / `warp_max(v)`: a butterfly over the 32 lanes of a warp (`shfl.sync.bfly`);
-  every lane gets the result.
+  every lane gets the result;
+* `mma_s8(a0, a1, b0)`: one int8 tensor-core product of the warp, D[16x8] = A[16x16] B[16x8]
+  (`mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32`). With g = lane // 4, q = lane % 4, each
+  lane holds A's row g bytes 4q..4q+3 (a0) and row g+8's (a1), B's column g, rows 4q..4q+3 (b0),
+  and gets D[g, 2q], D[g, 2q+1], D[g+8, 2q], D[g+8, 2q+1]: how prompts are multiplied;
+  `mma_s8_k32(a0, a1, a2, a3, b0, b1)` the same over k = 32 (`m16n8k32`), a2 / a3 / b1 holding
+  k = 16 + 4q.. (the sum of two k16 products, in one instruction).
 
 Under `NUMBA_ENABLE_CUDASIM=1` (CI has no GPU) the twins compute the same values in Python. The
 simulator has no warp shuffles, so its `warp_sum` goes through shared memory with block-wide
 barriers: kernels call the warp reductions in block-uniform control flow (every thread of the
-block, no early return), which is also what keeps them correct on the GPU.
+block, no early return), which is also what keeps them correct on the GPU. `mma_s8` is a warp
+collective on the GPU too, so the same rule holds there.
 """
 import numpy as np
 from numba import config, cuda
@@ -21,6 +28,41 @@ from numba import config, cuda
 SIM = bool(config.ENABLE_CUDASIM)
 
 if SIM:
+    def _thread_safe_sim_shared():
+        """numba's simulator keys a block's shared arrays by source line and creates one the
+        first time a thread reaches the line, unlocked: two threads arriving together can each
+        create one and then work on different "shared" arrays (seen as ~10% of sampling calls
+        failing). The same lookup, under a lock. Simulator only; idempotent."""
+        import sys
+        import threading
+        from numba.core import types
+        from numba.cuda.simulator import kernelapi
+        from numba.np import numpy_support
+
+        cls = kernelapi.FakeCUDAShared
+        if getattr(cls, "_numba_apr_locked", False):
+            return
+        lock = threading.Lock()
+        dynamic = cls.array
+
+        def array(self, shape, dtype):
+            if shape == 0:
+                return dynamic(self, shape, dtype)
+            if isinstance(dtype, types.Type):
+                dtype = numpy_support.as_dtype(dtype)
+            f = sys._getframe(1)
+            caller = (f.f_code.co_filename, f.f_lineno)
+            with lock:
+                res = self._allocations.get(caller)
+                if res is None:
+                    res = self._allocations[caller] = np.empty(shape, dtype)
+            return res
+
+        cls.array = array
+        cls._numba_apr_locked = True
+
+    _thread_safe_sim_shared()
+
     def _s8(v):
         v &= 0xFF
         return v - 256 if v >= 128 else v
@@ -48,7 +90,37 @@ if SIM:
         sync()
         return float(r) if isinstance(v, float) else type(v)(r)
 
+    def _bytes(v):
+        return np.array([int(v) & 0xFFFFFFFF], np.uint32).view(np.int8).astype(np.int64)
+
+    def _mma_s8(tid, a0, a1, b0, shared, sync):
+        buf = shared.array((1024, 3), np.int64)   # the warp's fragments, exchanged
+        sync()
+        buf[tid, 0], buf[tid, 1], buf[tid, 2] = int(a0), int(a1), int(b0)
+        sync()
+        base = tid - tid % 32
+        A, B = np.zeros((16, 16), np.int64), np.zeros((16, 8), np.int64)
+        for ln in range(32):
+            g, q = ln >> 2, ln & 3
+            A[g, 4 * q:4 * q + 4] = _bytes(buf[base + ln, 0])
+            A[g + 8, 4 * q:4 * q + 4] = _bytes(buf[base + ln, 1])
+            B[4 * q:4 * q + 4, g] = _bytes(buf[base + ln, 2])
+        sync()
+        D = A @ B
+        g, q = (tid % 32) >> 2, tid & 3
+        return int(D[g, 2 * q]), int(D[g, 2 * q + 1]), int(D[g + 8, 2 * q]), int(D[g + 8, 2 * q + 1])
+
     # Decorated so the simulator gives them its per-thread `cuda` module (shared memory, ids).
+    @cuda.jit(device=True)
+    def mma_s8(a0, a1, b0):
+        t, b = cuda.threadIdx, cuda.blockDim
+        return _mma_s8(t.x + b.x * (t.y + b.y * t.z), a0, a1, b0, cuda.shared, cuda.syncthreads)
+
+    @cuda.jit(device=True)
+    def mma_s8_k32(a0, a1, a2, a3, b0, b1):
+        lo, hi = mma_s8(a0, a1, b0), mma_s8(a2, a3, b1)
+        return lo[0] + hi[0], lo[1] + hi[1], lo[2] + hi[2], lo[3] + hi[3]
+
     @cuda.jit(device=True)
     def warp_sum(v):
         t, b = cuda.threadIdx, cuda.blockDim
@@ -129,6 +201,48 @@ else:
     @cuda.jit(device=True, inline=True)
     def f32_bits(u):
         return _f32_bits(np.uint32(u))
+
+    @intrinsic
+    def _mma_s8(typingctx, a0, a1, b0):
+        ret = types.UniTuple(types.int32, 4)
+        sig = ret(types.int32, types.int32, types.int32)
+
+        def codegen(context, builder, sig, args):
+            st = ir.LiteralStructType([_i32] * 4)
+            zero = ir.Constant(_i32, 0)
+            asm = ir.InlineAsm(ir.FunctionType(st, [_i32] * 7),
+                               "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 "
+                               "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
+                               "=r,=r,=r,=r,r,r,r,r,r,r,r")
+            r = builder.call(asm, list(args) + [zero] * 4)
+            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def mma_s8(a0, a1, b0):
+        return _mma_s8(np.int32(a0), np.int32(a1), np.int32(b0))
+
+    @intrinsic
+    def _mma_s8_k32(typingctx, a0, a1, a2, a3, b0, b1):
+        ret = types.UniTuple(types.int32, 4)
+        sig = ret(*[types.int32] * 6)
+
+        def codegen(context, builder, sig, args):
+            st = ir.LiteralStructType([_i32] * 4)
+            zero = ir.Constant(_i32, 0)
+            asm = ir.InlineAsm(ir.FunctionType(st, [_i32] * 10),
+                               "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+                               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                               "=r,=r,=r,=r," + ",".join(["r"] * 10))
+            r = builder.call(asm, list(args) + [zero] * 4)
+            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def mma_s8_k32(a0, a1, a2, a3, b0, b1):
+        return _mma_s8_k32(np.int32(a0), np.int32(a1), np.int32(a2), np.int32(a3), np.int32(b0), np.int32(b1))
 
     @cuda.jit(device=True, inline=True)
     def warp_sum(v):

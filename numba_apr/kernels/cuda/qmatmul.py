@@ -42,6 +42,7 @@ from numba import cuda
 from ..._numba import cuda_jit
 from ...errors import NumbaAprError
 from . import ptx
+from .launch import launch
 
 WARPS = 4            # rows (warps) per block
 PREFILL_NT = 8       # tokens per block for prompts
@@ -337,6 +338,17 @@ def _half_dot(xq, t, e, q0, q1, q2, q3):
     return ptx.dp4a(q3, xq[t, k + 3], s)
 
 
+@cuda_jit(device=True)
+def _store(out, bias, c, t, v, accumulate):
+    """The epilogue: out[t, c] = v (+ bias[c]), or += (the residual stream)."""
+    if bias.shape[0] > 0:
+        v += bias[c]
+    if accumulate:
+        out[t, c] += v
+    else:
+        out[t, c] = v
+
+
 def _make_kernel(unit, NT):
     UNROLL = 2 if NT == 1 else 1
     @cuda_jit(device=True)
@@ -351,7 +363,7 @@ def _make_kernel(unit, NT):
             acc[i] += keep * (xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1)
 
     @cuda_jit
-    def kernel(out, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
         lane = cuda.threadIdx.x & 31
         r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
         t0 = cuda.blockIdx.y * NT
@@ -373,17 +385,139 @@ def _make_kernel(unit, NT):
             v = ptx.warp_sum(acc[i])
             t = t0 + i
             if lane == 0 and r < rows and t < T:
-                if bias.shape[0] > 0:
-                    v += bias[r]
-                if accumulate_out:
-                    out[t, r] += v
+                _store(out, bias, col + r, t, v, accumulate_out)
+    return kernel
+
+
+# Prompts: the int8 tensor cores (ptx.mma_s8), as llama.cpp's mmq. A block computes a tile of
+# MMA_ROWS weight rows x MMA_TOK tokens, walking K in steps of MMA_K. Each step, its threads decode
+# the weight tile through the same units as above (each 16-value half of a unit is one k16 slice
+# of the tile, with its own d and m) into shared memory as int8, next to the q8 activation tile,
+# then each warp runs 16 rows x MMA_TOK tokens as (MMA_K / 16) x (MMA_TOK / 8) mma instructions.
+# The int32 result of one k16 slice is scaled at once: acc += xd * (d * dot + m * sum(xq)); where
+# the two k16 slices of each 32 values share d and m (every type but Q6_K, whose scales are per
+# 16), they go through one m16n8k32 instruction and one scaling instead.
+MMA_ROWS = 64                # 4 warps x 16 rows
+MMA_TOK = 64                 # tokens a block: 8 column tiles of 8 (32 where that leaves the GPU
+                             # short of blocks: a 896-row product of 512 tokens is 112 blocks)
+MMA_K = 128                  # 4 units a row: 256 units a tile, two a thread
+MMA_MIN_T = 16               # from this many tokens up, products go to the tensor cores
+_SW = MMA_K // 4 + 4         # words a row of a shared tile: +4 puts the 32 lanes' fragment
+                             # loads (row g, word 4kk + q) on 32 different banks
+_KS = MMA_K // 16            # (numba.cuda wants shared array shapes as plain globals)
+_K32 = MMA_K // 32
+
+
+@cuda_jit(device=True)
+def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, ta, kx, ks):
+    """acc[i..i+4] += the int32 mma result of rows (A, B) x tokens (ta, ta+1), scaled:
+    xd * (d * dot + m * sum(xq)), with xd * sum(xq) staged in sS."""
+    xa, xb = sX[ta, kx], sX[ta + 1, kx]
+    sa, sb = sS[ta, ks], sS[ta + 1, ks]
+    acc[i] += xa * dA * np.float32(c0) + mA * sa
+    acc[i + 1] += xb * dA * np.float32(c1) + mA * sb
+    acc[i + 2] += xa * dB * np.float32(c2) + mB * sa
+    acc[i + 3] += xb * dB * np.float32(c3) + mB * sb
+
+
+def _make_mma_kernel(unit, NTILE, K32):
+    NACC = 4 * NTILE
+    NTOK = 8 * NTILE
+
+    @cuda_jit
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        g = lane >> 2
+        q = lane & 3
+        ra = (tid >> 5) * 16 + g            # this lane's A rows: ra and ra + 8
+        r0 = cuda.blockIdx.x * MMA_ROWS
+        t0 = cuda.blockIdx.y * NTOK
+        sA = cuda.shared.array((MMA_ROWS, _SW), np.uint32)    # weight quants, int8
+        sD = cuda.shared.array((MMA_ROWS, _KS), np.float32)   # their d per k16 slice
+        sM = cuda.shared.array((MMA_ROWS, _KS), np.float32)   # and m
+        sB = cuda.shared.array((MMA_TOK, _SW), np.int32)      # activation quants, int8
+        sX = cuda.shared.array((MMA_TOK, _K32), np.float32)     # their scale per 32
+        sS = cuda.shared.array((MMA_TOK, _KS), np.float32)    # scale * sum of the slice's quants
+        acc = cuda.local.array(NACC, np.float32)
+        for i in range(NACC):
+            acc[i] = 0.0
+        n_tiles = min(NTILE, (T - t0 + 7) >> 3)              # column tiles holding tokens
+        kw = xq.shape[1]
+        for ku in range(0, n_units, MMA_K // 32):
+            for i in range(MMA_ROWS * MMA_K // 32 // 128):
+                idx = i * 128 + tid
+                rl = idx >> 2
+                uu = idx & 3
+                u = ku + uu
+                if u < n_units:
+                    l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
+                        w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl, rows - 1), u)
+                    e0 -= 32 * ku
+                    e1 -= 32 * ku
+                    j = e0 >> 2
+                    sA[rl, j], sA[rl, j + 1], sA[rl, j + 2], sA[rl, j + 3] = l0, l1, l2, l3
+                    j = e1 >> 2
+                    sA[rl, j], sA[rl, j + 1], sA[rl, j + 2], sA[rl, j + 3] = h0, h1, h2, h3
+                    sD[rl, e0 >> 4], sM[rl, e0 >> 4] = d0, m0
+                    sD[rl, e1 >> 4], sM[rl, e1 >> 4] = d1, m1
+                else:   # past K (only types of 32-value blocks have a K that MMA_K does not divide)
+                    sD[rl, 2 * uu], sM[rl, 2 * uu], sD[rl, 2 * uu + 1], sM[rl, 2 * uu + 1] = 0.0, 0.0, 0.0, 0.0
+            for i in range(NTOK * (MMA_K // 4) // 128):
+                idx = i * 128 + tid
+                tk = idx // (MMA_K // 4)
+                wd = idx % (MMA_K // 4)
+                t = min(t0 + tk, T - 1)
+                k = ku * 8 + wd
+                sB[tk, wd] = xq[t, k] if k < kw else 0
+            for i in range(NTOK * _KS // 128):
+                idx = i * 128 + tid
+                tk = idx // _KS
+                j = idx % _KS
+                t = min(t0 + tk, T - 1)
+                b = ku + (j >> 1)
+                s = xd[t, b] if b < n_units else np.float32(0.0)
+                if (j & 1) == 0:
+                    sX[tk, j >> 1] = s
+                # sS: scale * sum of the quants of each k16 slice, or (K32) of each 32 in the
+                # first _K32 entries
+                if K32:
+                    if j < _K32:
+                        b = ku + j
+                        sS[tk, j] = xd[t, b] * np.float32(xs[t, 2 * b] + xs[t, 2 * b + 1]) if b < n_units else np.float32(0.0)
                 else:
-                    out[t, r] = v
+                    sS[tk, j] = s * np.float32(xs[t, 2 * ku + j]) if b < n_units else np.float32(0.0)
+            cuda.syncthreads()
+            if K32:   # both k16 slices of each 32 share d and m: one k32 mma, one scaling
+                for kk in range(_K32):
+                    a0, a1 = sA[ra, 8 * kk + q], sA[ra + 8, 8 * kk + q]
+                    a2, a3 = sA[ra, 8 * kk + 4 + q], sA[ra + 8, 8 * kk + 4 + q]
+                    dA, mA, dB, mB = sD[ra, 2 * kk], sM[ra, 2 * kk], sD[ra + 8, 2 * kk], sM[ra + 8, 2 * kk]
+                    for nt in range(NTILE):
+                        if nt < n_tiles:
+                            c0, c1, c2, c3 = ptx.mma_s8_k32(a0, a1, a2, a3, sB[8 * nt + g, 8 * kk + q],
+                                                            sB[8 * nt + g, 8 * kk + 4 + q])
+                            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, 8 * nt + 2 * q, kk, kk)
+            else:
+                for kk in range(_KS):
+                    a0, a1 = sA[ra, 4 * kk + q], sA[ra + 8, 4 * kk + q]
+                    dA, mA, dB, mB = sD[ra, kk], sM[ra, kk], sD[ra + 8, kk], sM[ra + 8, kk]
+                    for nt in range(NTILE):
+                        if nt < n_tiles:
+                            c0, c1, c2, c3 = ptx.mma_s8(a0, a1, sB[8 * nt + g, 4 * kk + q])
+                            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, 8 * nt + 2 * q, kk >> 1, kk)
+            cuda.syncthreads()
+        for nt in range(NTILE):
+            for j in range(4):
+                r = r0 + ra + 8 * (j >> 1)
+                t = t0 + 8 * nt + 2 * q + (j & 1)
+                if r < rows and t < T:
+                    _store(out, bias, col + r, t, acc[4 * nt + j], accumulate_out)
     return kernel
 
 
 @cuda_jit
-def _float_kernel(out, w, kind, K, rows, x, T, bias, accumulate):
+def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
     """F32 (kind 0) / F16 (1) / BF16 (2) rows times float32 activations, one warp per row."""
     lane = cuda.threadIdx.x & 31
     r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
@@ -399,39 +533,55 @@ def _float_kernel(out, w, kind, K, rows, x, T, bias, accumulate):
             acc += v * x[t, k]
         acc = ptx.warp_sum(acc)
         if lane == 0 and r < rows:
-            if bias.shape[0] > 0:
-                acc += bias[r]
-            if accumulate:
-                out[t, r] += acc
-            else:
-                out[t, r] = acc
+            _store(out, bias, col + r, t, acc, accumulate)
 
 
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int):
-    k = _KERNELS.get((qtype, NT))
+def _kernel(qtype: int, NT: int, tc: bool = False):
+    """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc)."""
+    k = _KERNELS.get((qtype, NT, tc))
     if k is None:
-        k = _KERNELS[(qtype, NT)] = _make_kernel(UNITS[qtype], NT)
+        unit = UNITS[qtype]
+        k = _KERNELS[(qtype, NT, tc)] = (_make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
+                                         else _make_kernel(unit, NT))
     return k
 
 
-def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=False):
-    """out[t, :m.rows] (+)= x[t] . W.T (+ bias) for t < T. `act` is the ActBuffers the input was
-    quantized into (ops.quantize_act): its q8 view for quantized W, its float view for float W.
-    Launch only: no allocation, no synchronisation (graph-capturable)."""
+def _sm_count() -> int:
+    global _SMS
+    if _SMS is None:
+        _SMS = 1 if ptx.SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
+    return _SMS
+
+
+_SMS = None
+
+
+def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=False, col=0):
+    """out[t, col:col + m.rows] (+)= x[t] . W.T (+ bias[col:col + m.rows]) for t < T. `act` is the
+    ActBuffers the input was quantized into (ops.quantize_act): its q8 view for quantized W, its
+    float view for float W. Launch only: no allocation, no synchronisation (graph-capturable).
+    (`col` rather than a column slice of out: see ActBuffers.cols on what slicing costs.)"""
     bias = act.empty if bias is None else bias
     grid_x = (m.rows + WARPS - 1) // WARPS
     if m.qtype in FLOAT_TYPES:
-        _float_kernel[grid_x, 32 * WARPS, stream](out, m.w, FLOAT_TYPES[m.qtype], m.K, m.rows,
+        launch(_float_kernel, grid_x, 32 * WARPS, stream, out, col, m.w, FLOAT_TYPES[m.qtype], m.K, m.rows,
                                                   act.xf, T, bias, accumulate)
+        return
+    n_units = m.K // 32
+    if T >= MMA_MIN_T:
+        gx = (m.rows + MMA_ROWS - 1) // MMA_ROWS
+        nt = MMA_TOK if gx * ((T + MMA_TOK - 1) // MMA_TOK) >= 2 * _sm_count() else MMA_TOK // 2
+        launch(_kernel(m.qtype, nt, tc=True), (gx, (T + nt - 1) // nt), 128, stream,
+            out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
+            act.xq, act.xd, act.xs, T, bias, accumulate)
         return
     NT = 1 if T == 1 else PREFILL_NT
     k = _kernel(m.qtype, NT)
-    n_units = m.K // 32
-    k[(grid_x, (T + NT - 1) // NT), 32 * WARPS, stream](
-        out, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
+    launch(k, (grid_x, (T + NT - 1) // NT), 32 * WARPS, stream,
+        out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
         act.xq, act.xd, act.xs, T, bias, accumulate)
 
 

@@ -132,40 +132,7 @@ def splitmix_uniform(seed: int, step: int) -> float:
 # in the simulator (which has no warp shuffles: its twins go through shared memory and barriers)
 
 if SIM:
-    def _thread_safe_sim_shared():
-        """numba's simulator keys a block's shared arrays by source line and creates one the
-        first time a thread reaches the line, unlocked: two threads arriving together can each
-        create one and then work on different "shared" arrays (seen here as ~10% of sampling
-        calls failing). The same lookup, under a lock. Simulator only; idempotent."""
-        import sys
-        import threading
-        from numba.core import types
-        from numba.cuda.simulator import kernelapi
-        from numba.np import numpy_support
-
-        cls = kernelapi.FakeCUDAShared
-        if getattr(cls, "_numba_apr_locked", False):
-            return
-        lock = threading.Lock()
-        dynamic = cls.array
-
-        def array(self, shape, dtype):
-            if shape == 0:
-                return dynamic(self, shape, dtype)
-            if isinstance(dtype, types.Type):
-                dtype = numpy_support.as_dtype(dtype)
-            f = sys._getframe(1)
-            caller = (f.f_code.co_filename, f.f_lineno)
-            with lock:
-                res = self._allocations.get(caller)
-                if res is None:
-                    res = self._allocations[caller] = np.empty(shape, dtype)
-            return res
-
-        cls.array = array
-        cls._numba_apr_locked = True
-
-    _thread_safe_sim_shared()
+    # (ptx.py, imported above, makes the simulator's shared-array creation thread-safe)
 
     def _f2bits(v):
         return int(np.float32(v).view(np.uint32))
