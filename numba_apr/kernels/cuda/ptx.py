@@ -202,22 +202,29 @@ else:
     def f32_bits(u):
         return _f32_bits(np.uint32(u))
 
-    @intrinsic
-    def _mma_s8(typingctx, a0, a1, b0):
+    def _mma_intrinsic(shape, n_a, n_b):
+        """(signature, codegen) of an int8 `mma.sync` with n_a A and n_b B registers and a zero
+        accumulator, giving the 4 int32 of D."""
+        n_in = n_a + n_b
+
+        def regs(lo, n):
+            return "{" + ", ".join(f"${i}" for i in range(lo, lo + n)) + "}"
+
+        text = (f"mma.sync.aligned.{shape}.row.col.s32.s8.s8.s32 {regs(0, 4)}, {regs(4, n_a)}, "
+                f"{regs(4 + n_a, n_b)}, {regs(4 + n_in, 4)};")
         ret = types.UniTuple(types.int32, 4)
-        sig = ret(types.int32, types.int32, types.int32)
 
         def codegen(context, builder, sig, args):
-            st = ir.LiteralStructType([_i32] * 4)
-            zero = ir.Constant(_i32, 0)
-            asm = ir.InlineAsm(ir.FunctionType(st, [_i32] * 7),
-                               "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 "
-                               "{$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
-                               "=r,=r,=r,=r,r,r,r,r,r,r,r")
-            r = builder.call(asm, list(args) + [zero] * 4)
+            fn = ir.FunctionType(ir.LiteralStructType([_i32] * 4), [_i32] * (n_in + 4))
+            asm = ir.InlineAsm(fn, text, ",".join(["=r"] * 4 + ["r"] * (n_in + 4)))
+            r = builder.call(asm, list(args) + [ir.Constant(_i32, 0)] * 4)
             return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
 
-        return sig, codegen
+        return ret(*[types.int32] * n_in), codegen
+
+    @intrinsic
+    def _mma_s8(typingctx, a0, a1, b0):
+        return _mma_intrinsic("m16n8k16", 2, 1)
 
     @cuda.jit(device=True, inline=True)
     def mma_s8(a0, a1, b0):
@@ -225,20 +232,7 @@ else:
 
     @intrinsic
     def _mma_s8_k32(typingctx, a0, a1, a2, a3, b0, b1):
-        ret = types.UniTuple(types.int32, 4)
-        sig = ret(*[types.int32] * 6)
-
-        def codegen(context, builder, sig, args):
-            st = ir.LiteralStructType([_i32] * 4)
-            zero = ir.Constant(_i32, 0)
-            asm = ir.InlineAsm(ir.FunctionType(st, [_i32] * 10),
-                               "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-                               "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
-                               "=r,=r,=r,=r," + ",".join(["r"] * 10))
-            r = builder.call(asm, list(args) + [zero] * 4)
-            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
-
-        return sig, codegen
+        return _mma_intrinsic("m16n8k32", 4, 2)
 
     @cuda.jit(device=True, inline=True)
     def mma_s8_k32(a0, a1, a2, a3, b0, b1):
