@@ -526,6 +526,18 @@ def _sample_kernel(logits, recent, start, penalty, top_k, top_p, min_p, temp, u,
 # ---------------------------------------------------------------------------------------------------
 # Python side
 
+def resolve_seed(seed, default) -> int:
+    """The seed a sampler starts from: `seed`, else `default` (params.seed), else (None or < 0)
+    fresh OS entropy. Shared by the CPU sampler and the device one."""
+    if seed is None:
+        seed = default
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise NumbaAprError(f"seed must be an integer, got {seed!r}")
+    if seed is None or seed < 0:
+        seed = int.from_bytes(os.urandom(8), "little")
+    return int(seed)
+
+
 class Sampler:
     """Draws one token id from a logits vector with the chain above.
 
@@ -561,13 +573,7 @@ class Sampler:
 
     def reset(self, seed=None):
         """Re-seed the generator: with `seed`, else params.seed, else fresh OS entropy."""
-        if seed is None:
-            seed = self.params.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise NumbaAprError(f"seed must be an integer, got {seed!r}")
-        if seed is None or seed < 0:
-            seed = int.from_bytes(os.urandom(8), "little")
-        self._rng = np.random.Generator(np.random.PCG64(int(seed)))
+        self._rng = np.random.Generator(np.random.PCG64(resolve_seed(seed, self.params.seed)))
         self._n_cand = 0
 
     def sample(self, logits: np.ndarray, recent: np.ndarray) -> int:

@@ -117,6 +117,31 @@ def _chunk(n, n_split):
     return (c + KEYS - 1) // KEYS * KEYS
 
 
+@cuda_jit(device=True)
+def _prefetch(pre, w, start, hi, stride, off, tid, CH, NCHR, NT):
+    """A prompt tile's K or V rows start.. (capped at row hi-1) into registers: chunk cc =
+    tid + NT * i of the tile is row cc // NCHR, 16 bytes at word 4 * (cc % NCHR)."""
+    for i in range(CH):
+        cc = tid + NT * i
+        r = cc // NCHR
+        a0, a1, a2, a3 = ldg4(w, min(start + r, hi - 1) * stride + off + 4 * (cc - r * NCHR))
+        pre[i, 0] = a0
+        pre[i, 1] = a1
+        pre[i, 2] = a2
+        pre[i, 3] = a3
+
+
+@cuda_jit(device=True)
+def _stage(tile, pre, tid, CH, NCHR, NT):
+    """The rows _prefetch loaded, from registers into the shared tile (same chunk layout)."""
+    for i in range(CH):
+        cc = tid + NT * i
+        r = cc // NCHR
+        col = 4 * (cc - r * NCHR)
+        for e in range(4):
+            tile[r, col + e] = pre[i, e]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(D: int, DV: int, HB: int, RW: int):
     """The decode and prompt kernels for head dims D, DV (multiples of 32), HB heads a block and
@@ -320,56 +345,18 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         lo = _first_key(pos0 + t0, window)    # keys the block's tokens see: [lo, hi)
         hi = pos0 + t0 + nt
         # Prefetch the first tile (rows past hi read row hi-1: finite, masked below).
-        for i in range(KCH):
-            cc = tid + NT * i
-            r = cc // NCH
-            a0, a1, a2, a3 = ldg4(kw, min(lo + r, hi - 1) * kstride + kvh * DW + 4 * (cc - r * NCH))
-            kpre[i, 0] = a0
-            kpre[i, 1] = a1
-            kpre[i, 2] = a2
-            kpre[i, 3] = a3
-        for i in range(VCH):
-            cc = tid + NT * i
-            r = cc // DVCH
-            a0, a1, a2, a3 = ldg4(vw, min(lo + r, hi - 1) * vstride + kvh * DVW + 4 * (cc - r * DVCH))
-            vpre[i, 0] = a0
-            vpre[i, 1] = a1
-            vpre[i, 2] = a2
-            vpre[i, 3] = a3
+        _prefetch(kpre, kw, lo, hi, kstride, kvh * DW, tid, KCH, NCH, NT)
+        _prefetch(vpre, vw, lo, hi, vstride, kvh * DVW, tid, VCH, DVCH, NT)
 
         for kt in range(lo, hi, KT):
             cuda.syncthreads()            # every warp is done with the previous tile
-            for i in range(KCH):
-                cc = tid + NT * i
-                r = cc // NCH
-                col = 4 * (cc - r * NCH)
-                for e in range(4):
-                    ks[r, col + e] = kpre[i, e]
-            for i in range(VCH):
-                cc = tid + NT * i
-                r = cc // DVCH
-                col = 4 * (cc - r * DVCH)
-                for e in range(4):
-                    vs[r, col + e] = vpre[i, e]
+            _stage(ks, kpre, tid, KCH, NCH, NT)
+            _stage(vs, vpre, tid, VCH, DVCH, NT)
             cuda.syncthreads()
             nxt = kt + KT
             if nxt < hi:                  # block-uniform: the next tile's loads fly meanwhile
-                for i in range(KCH):
-                    cc = tid + NT * i
-                    r = cc // NCH
-                    a0, a1, a2, a3 = ldg4(kw, min(nxt + r, hi - 1) * kstride + kvh * DW + 4 * (cc - r * NCH))
-                    kpre[i, 0] = a0
-                    kpre[i, 1] = a1
-                    kpre[i, 2] = a2
-                    kpre[i, 3] = a3
-                for i in range(VCH):
-                    cc = tid + NT * i
-                    r = cc // DVCH
-                    a0, a1, a2, a3 = ldg4(vw, min(nxt + r, hi - 1) * vstride + kvh * DVW + 4 * (cc - r * DVCH))
-                    vpre[i, 0] = a0
-                    vpre[i, 1] = a1
-                    vpre[i, 2] = a2
-                    vpre[i, 3] = a3
+                _prefetch(kpre, kw, nxt, hi, kstride, kvh * DW, tid, KCH, NCH, NT)
+                _prefetch(vpre, vw, nxt, hi, vstride, kvh * DVW, tid, VCH, DVCH, NT)
 
             # Scores: lane = key of the tile, its K row against the warp's RW query rows.
             key = kt + lane

@@ -136,7 +136,6 @@ if SIM:
 else:
     from llvmlite import ir
     from numba import types
-    from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
 
     _i32 = ir.IntType(32)

@@ -424,7 +424,8 @@ def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, ta, kx, ks):
     acc[i + 3] += xb * dB * np.float32(c3) + mB * sb
 
 
-def _make_mma_kernel(unit, NTILE, K32, KSTEP=MMA_K, **opts):
+def _make_mma_kernel(unit, NTILE, K32):
+    KSTEP = MMA_K
     NACC = 4 * NTILE                 # (sizes as closure constants: numba.cuda wants array
     NTOK = 8 * NTILE                 #  shapes fixed at compile time, not expressions)
     U = KSTEP // 32                  # units a row a step
@@ -433,7 +434,7 @@ def _make_mma_kernel(unit, NTILE, K32, KSTEP=MMA_K, **opts):
     KS = KSTEP // 16                 # k16 slices a step
     K32S = KSTEP // 32
 
-    @cuda_jit(**opts)
+    @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
         tid = cuda.threadIdx.x
         lane = tid & 31

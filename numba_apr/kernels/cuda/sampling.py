@@ -70,7 +70,6 @@ _thread_safe_sim_shared). Use small `threads` / `per_thread` there.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from numba import cuda
@@ -78,7 +77,7 @@ from numba import cuda
 from numba_apr._numba import cuda_jit
 from numba_apr.errors import NumbaAprError
 from numba_apr.kernels.cuda import ptx
-from numba_apr.sampling import SamplingParams
+from numba_apr.sampling import SamplingParams, resolve_seed
 
 SIM = ptx.SIM
 
@@ -1066,13 +1065,8 @@ class DeviceSampler:
     def reset(self, seed=None, stream=0):
         """Re-seed the device generator (step 0): with `seed`, else params.seed, else OS entropy.
         A host->device copy: not inside a graph."""
-        if seed is None:
-            seed = self.params.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise NumbaAprError(f"seed must be an integer, got {seed!r}")
-        if seed is None or seed < 0:
-            seed = int.from_bytes(os.urandom(8), "little")
-        self._rng.copy_to_device(np.array([int(seed) & _M64, 0], np.uint64), stream=stream)
+        seed = resolve_seed(seed, self.params.seed)
+        self._rng.copy_to_device(np.array([seed & _M64, 0], np.uint64), stream=stream)
         self._prm.copy_to_device(self._params_host(self.params, -1.0), stream=stream)
 
     def set_history(self, tokens, stream=0):
