@@ -27,7 +27,8 @@ from .kernels.cuda.attention import attention, attention_workspace
 from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
-from .kernels.cuda.qmatmul import SUPPORTED, DeviceMatrix, concat, qmatmul, upload
+from .kernels.cuda.qmatmul import (FLOAT_TYPES, SUPPORTED, DeviceMatrix, concat, qmatmul, qmatmul_gated,
+                                   qmatmul_quant, upload)
 from .model import Weights
 
 
@@ -53,13 +54,25 @@ class DeviceWeights:
     output: DeviceMatrix   # token_embd itself when tied
     layers: list[DeviceLayer]
 
-    @property
-    def nbytes(self) -> int:
+    def matrices(self) -> list[DeviceMatrix]:
         mats = {id(m): m for L in self.layers for m, _ in L.qkv + L.gate_up}
         mats.update({id(L.wo): L.wo for L in self.layers})
         mats.update({id(L.w_down): L.w_down for L in self.layers})
         mats[id(self.output)] = self.output
-        return sum(m.nbytes for m in mats.values())
+        return list(mats.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices())
+
+    @property
+    def fusable(self) -> bool:
+        """Whether decode products may quantize each other's inputs: the epilogues write q8
+        only, so every product must read q8 (no float matrices), and the rows of wo / w_down
+        (n_embd) and of gate (n_ff) come in whole 32-value blocks."""
+        mats = self.matrices()
+        return (all(m.qtype not in FLOAT_TYPES for m in mats) and self.layers[0].wo.rows % 32 == 0
+                and all(m.rows % 64 == 0 for L in self.layers for m, _ in L.gate_up))
 
 
 def _fused(tensors, K) -> list[tuple[DeviceMatrix, int]]:
@@ -108,6 +121,8 @@ class DeviceState:
         self.ffn = cuda.device_array((B, 2 * c.n_ff), f32)         # [gate | up]
         widest = max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v)
         self.act = ActBuffers.allocate(B, widest)                  # quantized input of a product
+        self.act1 = ActBuffers.allocate(1, widest)                 # decoding: the other of two (see forward)
+        self.ss = cuda.device_array(c.n_embd // 32, f32)           # decoding: sums of squares of x per 32
         self.logits = cuda.device_array((1, c.n_vocab), f32)       # next-token logits
         self.all_logits = None                                     # [n_batch, n_vocab], made when first asked
         self.tokens = cuda.device_array(B, np.int32)               # token ids of the batch (decode: [0])
@@ -133,44 +148,64 @@ def _project(out, mats, act, T, stream, bias=None):
 def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False):
     """Run s.tokens[:T] at positions s.pos[0] .. + T-1 through the model (device-side inputs),
     filling the KV cache; the logits of the last token go to s.logits, or of every token to
-    s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised."""
+    s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised.
+
+    `a` is the next product's quantized input. Prompts quantize it in a launch of its own
+    (quantize_act); a decode step gets it from the kernel that made the values (attention's
+    combine, a product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
+    no kernel overwrites the input it reads."""
     x, eps = s.x, c.norm_eps
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
+    fuse = T == 1 and w.fusable
+    qa, qb = (s.act, s.act1) if fuse else (s.act, s.act)
     embed(x, s.tokens, w.token_embd, T, c.embd_scale, stream)
+    a = None
 
     for l, (L, plan) in enumerate(zip(w.layers, c.layers)):
         # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write, attention.
-        a = quantize_act(s.act, x, T, stream, MODE_NORM, L.attn_norm, eps)
+        if a is None:
+            a = quantize_act(qa, x, T, stream, MODE_NORM, L.attn_norm, eps)
         _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
         rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
                 stream, s.act.empty)
-        attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
-                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws)
-        a = quantize_act(s.act, s.att, T, stream)
-        _residual(x, s.proj, L.wo, a, L.post_attn_norm, eps, T, stream)
+        a = attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
+                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None)
+        if a is None:
+            a = quantize_act(qb, s.att, T, stream)
+        a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse)
 
         # Feed-forward block: norm+quantize, gate/up in one product, act(gate)*up+quantize, down.
-        a = quantize_act(s.act, x, T, stream, MODE_NORM, L.ffn_norm, eps)
-        _project(s.ffn, L.gate_up, a, T, stream)
-        a = quantize_act(s.act, s.gate, T, stream, act_mode, src2=s.up)
-        _residual(x, s.proj, L.w_down, a, L.post_ffn_norm, eps, T, stream)
+        if a is None:
+            a = quantize_act(qa, x, T, stream, MODE_NORM, L.ffn_norm, eps)
+        if fuse and len(L.gate_up) == 1:
+            a = qmatmul_gated(L.gate_up[0][0], a, stream, qb, act_mode)
+        else:
+            _project(s.ffn, L.gate_up, a, T, stream)
+            a = quantize_act(qb, s.gate, T, stream, act_mode, src2=s.up)
+        next_norm = w.layers[l + 1].attn_norm if l + 1 < len(w.layers) else w.output_norm
+        a = _residual(x, s, L.w_down, a, L.post_ffn_norm, next_norm, eps, T, stream, qa, fuse)
 
     # Output head: only the rows whose logits are wanted.
     if all_logits:
-        a = quantize_act(s.act, x, T, stream, MODE_NORM, w.output_norm, eps)
+        a = quantize_act(qa, x, T, stream, MODE_NORM, w.output_norm, eps)
         qmatmul(s.all_logits, w.output, a, T, stream)
-    else:
-        a = quantize_act(s.act, view_once(x, T, lambda: x[T - 1:T]), 1, stream, MODE_NORM, w.output_norm, eps)
-        qmatmul(s.logits, w.output, a, 1, stream)
+        return
+    if a is None:
+        a = quantize_act(qa, view_once(x, T, lambda: x[T - 1:T]), 1, stream, MODE_NORM, w.output_norm, eps)
+    qmatmul(s.logits, w.output, a, 1, stream)
 
 
-def _residual(x, proj, m, act, post_norm, eps, T, stream):
-    """x += m(act), or x += rmsnorm(m(act)) * post_norm (gemma3)."""
+def _residual(x, s, m, act, post_norm, next_norm, eps, T, stream, dst, fuse):
+    """x += m(act), or x += rmsnorm(m(act)) * post_norm (gemma3). Decoding without a post-norm,
+    the product also quantizes rmsnorm(x) * next_norm into dst and returns it; else None."""
+    if fuse and post_norm is None:
+        return qmatmul_quant(x, m, act, stream, dst, next_norm, s.ss, eps)
     if post_norm is None:
         qmatmul(x, m, act, T, stream, accumulate=True)
     else:
-        qmatmul(proj, m, act, T, stream)
-        rmsnorm_add(x, proj, post_norm, eps, T, stream)
+        qmatmul(s.proj, m, act, T, stream)
+        rmsnorm_add(x, s.proj, post_norm, eps, T, stream)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from numba import config, cuda
 
 from numba_apr.kernels.cuda import attention as attention_module
 from numba_apr.kernels.cuda.attention import attention, attention_ref, attention_workspace
+from numba_apr.kernels.cuda.ops import ActBuffers
+from numba_apr.kernels.cuda.qmatmul import quantize_act_ref
 
 if not (config.ENABLE_CUDASIM or cuda.is_available()):
     pytest.skip("no CUDA GPU and the simulator is off (NUMBA_ENABLE_CUDASIM=0)", allow_module_level=True)
@@ -24,7 +26,7 @@ def rng():
     return np.random.default_rng(SEED)
 
 
-def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True):
+def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True, quant=False):
     T_max = T + 2
     # q as the model passes it: a column slice of the wider [q | k | v] buffer (strided rows).
     qkv = rng.standard_normal((T_max, n_head * D + 48)).astype(np.float32)
@@ -40,12 +42,18 @@ def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=N
     d_pos = cuda.to_device(np.array([pos0], np.int32))
     ws = attention_workspace(n_ctx, n_head, DV, max_T=T, n_split=n_split) if workspace else None
     stream = cuda.stream()
-    attention(d_out, d_qkv[:, :n_head * D], d_k, d_v, d_pos, T, n_head, n_head_kv, D, DV, scale, window,
-              stream, ws)
+    dst = ActBuffers.allocate(T, n_head * DV) if quant else None
+    q8 = attention(d_out, d_qkv[:, :n_head * D], d_k, d_v, d_pos, T, n_head, n_head_kv, D, DV, scale, window,
+                   stream, ws, dst)
     stream.synchronize()
     got = d_out.copy_to_host()
     assert np.isnan(got[T:]).all(), f"rows past T written (seed {SEED})"
     np.testing.assert_allclose(got[:T], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED}")
+    if quant:   # the combine's epilogue: the q8 of out, as quantize_act would write it
+        q, d = quantize_act_ref(got[:T])
+        assert np.array_equal(q8.xq8.copy_to_host()[:T], q), f"seed {SEED}"
+        np.testing.assert_allclose(q8.xd.copy_to_host()[:T], d, rtol=1e-6)
+        assert np.array_equal(q8.xs.copy_to_host()[:T], q.reshape(T, -1, 16).astype(np.int32).sum(2))
 
 
 @pytest.mark.parametrize("pos0", [0, 1, 17, 39])
@@ -59,6 +67,10 @@ def test_decode_split_k(rng, window):
     # 300 visible positions over 4 splits of 128 keys: 3 splits have keys, the 4th exits (with
     # the window: positions 100..299, 2 splits); the combine merges their partials.
     run(rng, T=1, pos0=299, n_head=2, n_head_kv=1, D=32, DV=32, n_ctx=304, n_split=4, window=window)
+
+
+def test_decode_combine_quantizes_for_the_next_product(rng):
+    run(rng, T=2, pos0=150, n_head=4, n_head_kv=2, D=64, DV=64, n_ctx=160, n_split=3, quant=True)
 
 
 def test_decode_window_no_workspace(rng):

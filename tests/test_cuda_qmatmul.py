@@ -70,6 +70,60 @@ def test_prompt_tile_bias_and_accumulate(rng, name):
     check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
 
 
+def dequantized_q8(act, K):
+    """The values an ActBuffers' q8 holds (row 0), and its quantization step per value."""
+    q = act.xq8.copy_to_host()[0, :K].astype(np.float64)
+    d = np.repeat(act.xd.copy_to_host()[0, :K // 32].astype(np.float64), 32)
+    assert np.array_equal(act.xs.copy_to_host()[0, :K // 16], q.reshape(-1, 16).sum(1)), "sums per 16"
+    return q * d, d
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0"])
+def test_decode_epilogue_quantizes_the_next_input(rng, name):
+    """Decoding, x += W1 . a then a' = q8(x * w) with x's sums of squares per 32 (qmatmul_quant),
+    and W2 . a' scaled by 1 / rms(x) (the norm the consumer finishes) = W2 . rmsnorm(x) * w."""
+    K, N = (256, 256) if name.endswith("_K") else (64, 64)
+    raw1, raw2 = case(rng, name, N, K), case(rng, name, 5, N)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    res = rng.standard_normal((1, N)).astype(np.float32)
+    w = rng.standard_normal(N).astype(np.float32)
+    m1, m2 = qm.upload(raw1, Q[name], K), qm.upload(raw2, Q[name], N)
+    act = ops.ActBuffers.allocate(1, K)
+    ops.quantize_act(act, cuda.to_device(x), 1, 0)
+    d_res, ss = cuda.to_device(res), cuda.device_array(N // 32, np.float32)
+    nxt = qm.qmatmul_quant(d_res, m1, act, 0, ops.ActBuffers.allocate(1, N), cuda.to_device(w), ss, 1e-6)
+    new = d_res.copy_to_host()
+    check(new, res + qm.qmatmul_ref(raw1, Q[name], K, x), K)
+    q, d = qm.quantize_act_ref(new * w)
+    assert np.array_equal(nxt.xq8.copy_to_host()[:, :N], q), f"seed {SEED}"
+    np.testing.assert_allclose(nxt.xd.copy_to_host(), d, rtol=1e-6)
+    np.testing.assert_allclose(ss.copy_to_host(), (new.astype(np.float64) ** 2).reshape(-1, 32).sum(1), rtol=1e-5)
+    out = cuda.to_device(np.zeros((1, 5), np.float32))
+    qm.qmatmul(out, m2, nxt, 1, 0)
+    new64 = new.astype(np.float64)
+    normed = (new64 / np.sqrt((new64 ** 2).mean() + 1e-6) * w).astype(np.float32)
+    check(out.copy_to_host(), qm.qmatmul_ref(raw2, Q[name], N, normed), N)
+
+
+@pytest.mark.parametrize("name,mode", [("Q4_K", ops.MODE_SILU), ("Q8_0", ops.MODE_GELU)])
+def test_decode_gated_epilogue(rng, name, mode):
+    """Decoding, [gate; up] in one matrix: the q8 of act(gate . x) * (up . x) (qmatmul_gated)."""
+    from numba_apr.kernels.cpu.ops import gated_act_ref
+    K, half = (256, 64) if name.endswith("_K") else (96, 64)
+    raw = case(rng, name, 2 * half, K)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(1, K)
+    ops.quantize_act(act, cuda.to_device(x), 1, 0)
+    nxt = qm.qmatmul_gated(qm.upload(raw, Q[name], K), act, 0, ops.ActBuffers.allocate(1, half), mode)
+    gu = qm.qmatmul_ref(raw, Q[name], K, x)
+    want = gated_act_ref(gu[:, :half], gu[:, half:], mode == ops.MODE_GELU)[0]
+    got, step = dequantized_q8(nxt, half)
+    tol = 1e-4 * np.abs(want).max() * np.sqrt(K / 32)
+    assert np.all(np.abs(got - want) <= step / 2 * 1.001 + tol), f"seed {SEED}"
+    np.testing.assert_allclose(nxt.xf.copy_to_host()[0], want, rtol=1e-4, atol=tol)
+    assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
+
+
 @cuda.jit
 def _mma_probe(a, b, d):
     lane = cuda.threadIdx.x

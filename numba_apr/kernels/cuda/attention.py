@@ -55,6 +55,7 @@ from ..._numba import cuda_jit
 from . import ptx
 from .launch import launch, view_once
 from .ptx import f16_bits, f32_bits, ldg4, warp_max, warp_sum
+from .q8 import quant32
 
 NT = 128              # threads a block
 NWARP = NT // 32
@@ -413,8 +414,9 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
 
 
 @cuda_jit
-def _combine(out, po, ml, pos, window, n_split, DV):
-    """out[t, h] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits that had keys.
+def _combine(out, po, ml, pos, window, n_split, DV, quant, xq8, xd, xs):
+    """out[t, h] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits that had keys,
+    and with `quant`, its q8 (the next product's input, q8.py) into xq8 / xd / xs as well.
 
     Grid (n_head, T, DV / 32): a block takes 32 dims of one head (lane = dim); its 4 warps take
     every 4th split, CU splits' loads in flight at a time, and meet in shared memory."""
@@ -452,13 +454,16 @@ def _combine(out, po, ml, pos, window, n_split, DV):
     if lane == 0:
         lw[warp] = lt
     cuda.syncthreads()
+    o = ow[0, lane]                        # every warp sums (warp 0 stores): the quantizer is a
+    lt = lw[0]                             # warp collective, called by the whole block
+    for wi in range(1, NWARP):
+        o += ow[wi, lane]
+        lt += lw[wi]
+    o = o / lt
     if warp == 0:
-        o = ow[0, lane]
-        lt = lw[0]
-        for wi in range(1, NWARP):
-            o += ow[wi, lane]
-            lt += lw[wi]
-        out[t, h * DV + d] = o / lt
+        out[t, h * DV + d] = o
+    if quant:
+        quant32(o, warp == 0, xq8, xd, xs, t, (h * DV + d) >> 5)
 
 
 def _words(cache):
@@ -467,15 +472,17 @@ def _words(cache):
 
 
 def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-              stream, workspace=None):
+              stream, workspace=None, dst=None):
     """out[t, h*dv:(h+1)*dv] = softmax(scale * q_t,h . K^T) V over the positions token t sees.
 
     out: f32 [>= T, n_head*dv]; q: f32 [>= T, n_head*head_dim] (rows may be strided);
     k_cache / v_cache: f16 [n_ctx, n_head_kv*head_dim / *dv], C-contiguous, positions up to
     pos[0] + T - 1 written; pos: int32 device array. head_dim and dv: multiples of 32, <= 256.
-    workspace: `attention_workspace(...)`, for split decoding (see the module docstring)."""
+    workspace: `attention_workspace(...)`, for split decoding (see the module docstring).
+    dst: ActBuffers (ops.py) for the q8 of out, when out is a product's input: where the combine
+    step runs (split decoding) it quantizes out too, and the view is returned; else None."""
     if T <= 0:
-        return
+        return None
     D, DV = int(head_dim), int(head_dim_v)
     if D % 32 or DV % 32 or not 0 < D <= 256 or not 0 < DV <= 256:
         raise ValueError(f"attention: head dims must be multiples of 32 up to 256, got {D}, {DV}")
@@ -496,15 +503,24 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             po, ml = workspace
             launch(decode, (n_head_kv * n_hb, n_split, T), NT, stream,
                 po, ml, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, n_split)
-            launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV)
+            if dst is None:
+                launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV,
+                       False, out, out, out)
+                return None
+            a = dst.cols(n_head * DV)
+            launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV,
+                   True, a.xq8, a.xd, a.xs)
+            return a
         else:
             # One split: the kernel writes normalised rows straight into out, seen as [T, 1, H, DV].
-            dst = view_once(out, ("heads", n_head, DV), lambda: out.reshape(out.shape[0], 1, n_head, DV))
+            heads = view_once(out, ("heads", n_head, DV), lambda: out.reshape(out.shape[0], 1, n_head, DV))
             launch(decode, (n_head_kv * n_hb, 1, T), NT, stream,
-                dst, dst, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, 1)
+                heads, heads, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, 1)
+        return None
     else:
         launch(prompt, (n_head_kv * n_hb, -(-T // WT)), NT, stream,
             out, q, kw, vw, kstride, vstride, pos, T, group, n_hb, sc, win)
+        return None
 
 
 # The oracle is the CPU module's float64 reference (one statement of attention for both backends).

@@ -24,11 +24,10 @@ from numba import cuda
 from ..._numba import cuda_jit
 from . import ptx
 from .launch import launch
+from .q8 import MODE_COPY, MODE_GELU, MODE_NORM, MODE_SILU, gated, quant32  # noqa: F401  (modes re-exported)
 from .qmatmul import FLOAT_TYPES, UNITS, DeviceMatrix
 
 BLOCK = 256
-MODE_COPY, MODE_NORM, MODE_SILU, MODE_GELU = 0, 1, 2, 3
-GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @dataclass
@@ -39,24 +38,42 @@ class ActBuffers:
     xd: object     # float32 [rows, K/32]: scale per 32
     xs: object     # int32 [rows, K/16]: sum of each 16 quants
     empty: object  # float32 [0]: "no bias"
-    xq8: object    # int8 view of xq [rows, K] (what the quantizer writes)
+    xq8: object    # int8 view of xq [rows, K] (what the quantizers write)
+    ss: object = None   # float32 [K/32] or empty: with entries, the q8 holds x * w of an RMS norm
+                        # whose 1 / rms(x) is still to apply: these are x's sums of squares per 32
+    eps: float = 0.0    # that norm's epsilon
+    count: object = None  # int32 [K/32], zeros between launches: the decode epilogues' counters (qmatmul.py)
+
+    def __post_init__(self):
+        if self.ss is None:
+            self.ss = self.empty
 
     @classmethod
     def allocate(cls, rows: int, K: int) -> "ActBuffers":
         xq = cuda.device_array((rows, K // 4), np.int32)
         return cls(cuda.device_array((rows, K), np.float32), xq,
                    cuda.device_array((rows, K // 32), np.float32), cuda.device_array((rows, K // 16), np.int32),
-                   cuda.device_array(0, np.float32), xq.view(np.int8))
+                   cuda.device_array(0, np.float32), xq.view(np.int8),
+                   count=cuda.to_device(np.zeros(max(1, K // 32), np.int32)))
+
+    def _view(self, key, make) -> "ActBuffers":
+        views = self.__dict__.setdefault("_views", {})
+        if key not in views:
+            views[key] = make()
+        return views[key]
 
     def cols(self, K: int) -> "ActBuffers":
         """The views for an input of K <= capacity columns, made once per K: numba.cuda builds a
         strided view's extents row by row in Python (~0.7 ms for 512 rows, measured), more
         than the kernel that uses it."""
-        views = self.__dict__.setdefault("_views", {})
-        if K not in views:
-            views[K] = ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
-                                  self.xs[:, :K // 16], self.empty, self.xq8[:, :K])
-        return views[K]
+        return self._view(K, lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
+                                                self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
+                                                count=self.count))
+
+    def pending(self, ss, eps: float) -> "ActBuffers":
+        """This view with an RMS norm's 1 / rms still to apply (sums of squares ss, epsilon eps)."""
+        return self._view(("ss", id(ss), eps), lambda: ActBuffers(self.xf, self.xq, self.xd, self.xs, self.empty,
+                                                                  self.xq8, ss, eps, self.count))
 
 
 @cuda_jit(device=True)
@@ -73,12 +90,6 @@ def _block_sum(v, buf):
         s += buf[i]
     cuda.syncthreads()
     return s
-
-
-@cuda_jit(device=True)
-def _round_away(a):
-    h = np.float32(0.5)   # (a float64 literal would turn the whole expression float64)
-    return int(a + h) if a >= 0 else -int(h - a)
 
 
 QB = 8  # 32-value quantization blocks a CUDA block takes: one a warp
@@ -106,25 +117,11 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
     v = src[t, i]
     if mode == MODE_NORM:
         v = v * scale * w[i]
-    elif mode == MODE_SILU:
-        v = v / (np.float32(1.0) + math.exp(-v)) * src2[t, i]
-    elif mode == MODE_GELU:
-        # tanh(y) = 1 - 2 / (exp(2y) + 1): fast-math's tanh is a coarse approximation
-        y = np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v)
-        th = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * y) + np.float32(1.0))
-        v = np.float32(0.5) * v * (np.float32(1.0) + th) * src2[t, i]
-    amax = ptx.warp_max(abs(v))
-    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-    q = _round_away(v * inv)
-    lo = ptx.warp_sum(q if lane < 16 else 0)
-    hi = ptx.warp_sum(q if lane >= 16 else 0)
+    elif mode != MODE_COPY:
+        v = gated(v, src2[t, i], mode)
     if b < nb:
         xf[t, i] = v
-        xq8[t, i] = q
-        if lane == 0:
-            xd[t, b] = amax / np.float32(127.0)
-            xs[t, 2 * b] = lo
-            xs[t, 2 * b + 1] = hi
+    quant32(v, b < nb, xq8, xd, xs, t, b)
 
 
 def quantize_act(act: ActBuffers, src, T: int, stream, mode=MODE_COPY, w=None, eps=0.0, src2=None):

@@ -39,6 +39,7 @@ activations, so a test compares only summation order.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,7 @@ from ..._numba import cuda_jit
 from ...errors import NumbaAprError
 from . import ptx
 from .launch import launch
+from .q8 import gated, quant32
 
 WARPS = 4            # rows (warps) per block
 PREFILL_NT = 8       # tokens per block for prompts
@@ -178,7 +180,7 @@ def _unit_q4_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     dd = _h16(w, o_sc + r * s_sc, u)
     l0, l1, l2, l3 = _nib(a, b, c, d, 0)
     h0, h1, h2, h3 = _nib(a, b, c, d, 4)
-    m = -8.0 * dd
+    m = np.float32(-8.0) * dd
     return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
 
 
@@ -214,7 +216,7 @@ def _unit_q5_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
     l0, l1, l2, l3, h0, h1, h2, h3 = _q5_words(w, o_qh, s_qh, r, u, a, b, c, d)
     dd = _h16(w, o_sc + r * s_sc, u)
-    m = -16.0 * dd
+    m = np.float32(-16.0) * dd
     return l0, l1, l2, l3, h0, h1, h2, h3, dd, m, dd, m, 32 * u, 32 * u + 16
 
 
@@ -232,7 +234,8 @@ def _unit_q8_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     l0, l1, l2, l3 = ptx.ldg4(w, r * s_qs + 8 * u)
     h0, h1, h2, h3 = ptx.ldg4(w, r * s_qs + 8 * u + 4)
     dd = _h16(w, o_sc + r * s_sc, u)
-    return l0, l1, l2, l3, h0, h1, h2, h3, dd, 0.0, dd, 0.0, 32 * u, 32 * u + 16
+    z = np.float32(0.0)
+    return l0, l1, l2, l3, h0, h1, h2, h3, dd, z, dd, z, 32 * u, 32 * u + 16
 
 
 @cuda_jit(device=True)
@@ -321,10 +324,11 @@ def _unit_q6_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     e0 = 256 * b + 128 * n + 32 * g + l
     i0 = 8 * n + 2 * g + (r4 & 1)   # scale of 16 elements e0 .. (index e0 // 16 in the block)
     dd = ptx.f16_bits(w[so + 4] & 0xFFFF)
-    d0 = dd * _s8(w[so + (i0 >> 2)] >> (8 * (i0 & 3)))
+    d0 = dd * np.float32(_s8(w[so + (i0 >> 2)] >> (8 * (i0 & 3))))
     i1 = i0 + 4
-    d1 = dd * _s8(w[so + (i1 >> 2)] >> (8 * (i1 & 3)))
-    return l0, l1, l2, l3, h0, h1, h2, h3, d0, -32.0 * d0, d1, -32.0 * d1, e0, e0 + 64
+    d1 = dd * np.float32(_s8(w[so + (i1 >> 2)] >> (8 * (i1 & 3))))
+    m32 = np.float32(-32.0)
+    return l0, l1, l2, l3, h0, h1, h2, h3, d0, m32 * d0, d1, m32 * d1, e0, e0 + 64
 
 
 UNITS = {Q.Q4_0: _unit_q4_0, Q.Q4_1: _unit_q4_1, Q.Q5_0: _unit_q5_0, Q.Q5_1: _unit_q5_1,
@@ -345,6 +349,23 @@ def _half_dot(xq, t, e, q0, q1, q2, q3):
 
 
 @cuda_jit(device=True)
+def _unit_dot(xq, xd, xs, t, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1):
+    """A unit's 32 weights times the q8 activations of token t: xd * (d * dot + m * sum(xq))."""
+    s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
+    s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
+    a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
+    a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
+    return xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
+
+
+@cuda_jit(device=True, inline=True)
+def _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
+    """Unit u of row r times token 0's q8 activations."""
+    l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
+    return _unit_dot(xq, xd, xs, 0, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1)
+
+
+@cuda_jit(device=True)
 def _store(out, bias, c, t, v, accumulate):
     """The epilogue: out[t, c] = v (+ bias[c]), or += (the residual stream)."""
     if bias.shape[0] > 0:
@@ -356,17 +377,13 @@ def _store(out, bias, c, t, v, accumulate):
 
 
 def _make_kernel(unit, NT):
-    UNROLL = 2 if NT == 1 else 1
+    """Small batches (1 < T < MMA_MIN_T): NT tokens a block, one warp a row."""
     @cuda_jit(device=True)
-    def accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs, t0, T, keep):
+    def accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs, t0, T):
         l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
         for i in range(NT):
             t = min(t0 + i, T - 1)
-            s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
-            s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
-            a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
-            a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
-            acc[i] += keep * (xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1)
+            acc[i] += _unit_dot(xq, xd, xs, t, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1)
 
     @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
@@ -377,21 +394,102 @@ def _make_kernel(unit, NT):
         for i in range(NT):
             acc[i] = 0.0
         rr = min(r, rows - 1)  # warps past the last row compute row rows-1 and store nothing
-        # Decoding: two units a lane per trip, so each lane has two 16-byte weight loads in
-        # flight (one warp-row alone is latency-bound: a DRAM load takes ~0.6 us). Measured
-        # on an H100: 0.5B decode 490 -> 670 tok/s (with the quantizer rewrite), but prompts
-        # 2.6k -> 1.4k tok/s, so the NT-token tiles keep one unit a trip.
-        for u in range(lane, n_units, 32 * UNROLL):
-            accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u, xq, xd, xs, t0, T, np.float32(1.0))
-            if UNROLL == 2:
-                u2 = u + 32
-                accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, min(u2, n_units - 1), xq, xd, xs, t0,
-                           T, np.float32(1.0) if u2 < n_units else np.float32(0.0))
+        for u in range(lane, n_units, 32):
+            accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u, xq, xd, xs, t0, T)
         for i in range(NT):
             v = ptx.warp_sum(acc[i])
             t = t0 + i
             if lane == 0 and r < rows and t < T:
                 _store(out, bias, col + r, t, v, accumulate_out)
+    return kernel
+
+
+# Decoding (T = 1): one warp a row (EPI_GATED: a gate row and its up row), 4 warps a block, each
+# lane two units of the row in flight (one warp-row alone is latency-bound: a DRAM load takes
+# ~0.6 us). Many small blocks, so that even a 896-row product spreads over all multiprocessors
+# (blocks of 32 rows, 8 warps of 4 rows, measured 7.1 us against 4.4 for a 896 x 896 product on an
+# H100: 28 blocks leave 104 of 132 multiprocessors idle).
+#
+# Epilogues (EPI, a compile-time choice):
+#   EPI_STORE  out[0, col + r] = v (+ bias), or += v;
+#   EPI_QUANT  out[0, r] (+)= v, then the next product's input from the new out: q8 of out * nw
+#              (the next RMS norm's weight; its 1 / rms, a whole-vector quantity, is left to the
+#              consumer) and ss_out[g] = the sum of squares of out's 32-value block g;
+#   EPI_GATED  rows [0, half) are gate, [half, 2 half) up (one matrix): the output is
+#              act(gate) * up, as float (xf) and q8.
+# The q8 of a 32-value block needs all 32 values, which 8 blocks compute: each block counts
+# itself in `count[g]` after storing its rows, and the last of the 8 (the one that sees 7)
+# quantizes the block and sets the count back to 0 for the next launch (the CUDA
+# threadFenceReduction pattern; values are read back with atomics, which go to L2, so no stale
+# L1 line is read). This saves the quantizer launch a product used to need.
+# The input: q8 of x, or of x * w with ss_in holding x's sums of squares per 32 (as EPI_QUANT
+# writes them): then every result is scaled by 1 / rms(x), which commutes with the product.
+EPI_STORE, EPI_QUANT, EPI_GATED = 0, 1, 2
+
+
+def _make_decode_kernel(unit, EPI):
+    NR = 2 if EPI == EPI_GATED else 1
+    GROUP = 32 // WARPS                  # blocks a 32-value q8 block of the output takes
+
+    @cuda_jit
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
+               bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count):
+        lane = cuda.threadIdx.x & 31
+        r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
+        acc = cuda.local.array(NR, np.float32)
+        for j in range(NR):
+            acc[j] = 0.0
+        for u0 in range(lane, n_units, 64):
+            # two units a lane per trip (written out: a loop over them stays a loop in the PTX,
+            # one load in flight), the second weighted 0 past the row's end
+            u1 = min(u0 + 32, n_units - 1)
+            keep = np.float32(1.0) if u0 + 32 < n_units else np.float32(0.0)
+            acc[0] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u0, xq, xd, xs)
+            acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u1, xq, xd, xs)
+            if EPI == EPI_GATED:
+                acc[1] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u0, xq, xd, xs)
+                acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u1, xq, xd, xs)
+        scale = np.float32(1.0)
+        if ss_in.shape[0] > 0:
+            s = np.float32(0.0)
+            for i in range(lane, ss_in.shape[0], 32):
+                s += ss_in[i]
+            s = ptx.warp_sum(s)
+            scale = np.float32(1.0) / math.sqrt(s / np.float32(32 * ss_in.shape[0]) + eps)
+        v = ptx.warp_sum(acc[0]) * scale
+        if EPI == EPI_GATED:
+            v = gated(v, ptx.warp_sum(acc[1]) * scale, mode)
+            if lane == 0:
+                qf[0, r] = v
+        elif lane == 0 and r < rows:
+            if EPI == EPI_QUANT:
+                if bias.shape[0] > 0:
+                    v += bias[r]
+                if accumulate_out:
+                    v += out[0, r]
+                out[0, r] = v
+            else:
+                _store(out, bias, col + r, 0, v, accumulate_out)
+        if EPI != EPI_STORE:
+            last = cuda.shared.array(1, np.int32)
+            g = cuda.blockIdx.x // GROUP
+            cuda.threadfence()           # this block's values, visible to the last block
+            cuda.syncthreads()
+            if cuda.threadIdx.x == 0:
+                last[0] = cuda.atomic.add(count, g, 1) == GROUP - 1
+            cuda.syncthreads()
+            if last[0]:
+                i = 32 * g + lane
+                v = cuda.atomic.add(qf, (0, i), 0.0) if EPI == EPI_GATED else cuda.atomic.add(out, (0, i), 0.0)
+                z = v * nw[i] if nw.shape[0] > 0 else v
+                first = cuda.threadIdx.x < 32
+                quant32(z, first, q8, qd, qs, 0, g)
+                if EPI == EPI_QUANT and ss_out.shape[0] > 0:
+                    s2 = ptx.warp_sum(v * v)
+                    if cuda.threadIdx.x == 0:
+                        ss_out[g] = s2
+                if cuda.threadIdx.x == 0:
+                    count[g] = 0
     return kernel
 
 
@@ -549,21 +647,24 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False):
-    """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc)."""
-    k = _KERNELS.get((qtype, NT, tc))
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None):
+    """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
+    or the decode kernel with epilogue `epi`."""
+    k = _KERNELS.get((qtype, NT, tc, epi))
     if k is None:
         unit = UNITS[qtype]
-        k = _KERNELS[(qtype, NT, tc)] = (_make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
-                                         else _make_kernel(unit, NT))
+        k = _KERNELS[(qtype, NT, tc, epi)] = (
+            _make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
+            else _make_decode_kernel(unit, epi) if epi is not None else _make_kernel(unit, NT))
     return k
 
 
 def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=False, col=0):
     """out[t, col:col + m.rows] (+)= x[t] . W.T (+ bias[col:col + m.rows]) for t < T. `act` is the
-    ActBuffers the input was quantized into (ops.quantize_act): its q8 view for quantized W, its
-    float view for float W. Launch only: no allocation, no synchronisation (graph-capturable).
-    (`col` rather than a column slice of out: see ActBuffers.cols on what slicing costs.)"""
+    ActBuffers the input was quantized into (ops.quantize_act, or a decode epilogue): its q8 view
+    for quantized W, its float view for float W. Launch only: no allocation, no synchronisation
+    (graph-capturable). (`col` rather than a column slice of out: see ActBuffers.cols on what
+    slicing costs.)"""
     bias = act.empty if bias is None else bias
     grid_x = (m.rows + WARPS - 1) // WARPS
     if m.qtype in FLOAT_TYPES:
@@ -571,17 +672,45 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
                                                   act.xf, T, bias, accumulate)
         return
     n_units = m.K // 32
+    if T == 1:
+        _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, grid_x, 0, 0, act.empty, act)
+        return
     if T >= MMA_MIN_T:
         grid = ((m.rows + MMA_ROWS - 1) // MMA_ROWS, (T + MMA_TOK - 1) // MMA_TOK)
         launch(_kernel(m.qtype, MMA_TOK, tc=True), grid, 128, stream,
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
-    NT = 1 if T == 1 else PREFILL_NT
-    k = _kernel(m.qtype, NT)
-    launch(k, (grid_x, (T + NT - 1) // NT), 32 * WARPS, stream,
+    k = _kernel(m.qtype, PREFILL_NT)
+    launch(k, (grid_x, (T + PREFILL_NT - 1) // PREFILL_NT), 32 * WARPS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
         act.xq, act.xd, act.xs, T, bias, accumulate)
+
+
+def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, eps=0.0, accumulate=True):
+    """Decoding: out[0] (+)= x . W.T, and the next product's input quantized from the new out[0]
+    into dst (ActBuffers): q8 of out * norm_w, with ss [m.rows / 32] the sums of squares that
+    make the norm's 1 / rms (see ActBuffers.pending). Returns the ActBuffers view to pass on."""
+    d = dst.cols(m.rows)
+    _decode(EPI_QUANT, out, m, act, stream, act.empty, accumulate, 0, m.rows // WARPS, 0, 0,
+            act.empty if norm_w is None else norm_w, d, act.empty if ss is None else ss)
+    return d if ss is None else d.pending(ss, eps)
+
+
+def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
+    """Decoding, m = [gate; up] rows: act(x . gate) * (x . up) into dst (float and q8); returns
+    its view."""
+    half = m.rows // 2
+    d = dst.cols(half)
+    _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half // WARPS, half, mode, act.empty, d)
+    return d
+
+
+def _decode(epi, out, m, act, stream, bias, accumulate, col, blocks, half, mode, nw, dst, ss_out=None):
+    launch(_kernel(m.qtype, 1, epi=epi), blocks, 32 * WARPS, stream,
+        out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
+        act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
+        dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count)
 
 
 # ---------------------------------------------------------------------------------------------

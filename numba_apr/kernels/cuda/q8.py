@@ -1,0 +1,59 @@
+"""The q8 activation format on the GPU, as device functions shared by every kernel that writes it.
+
+A product's quantized input is int8 per value (4 packed in an int32 word: what `dp4a` reads), a
+float scale per 32 values and an int sum per 16 (what the weights' offsets multiply): llama.cpp's
+q8_1. It is written by `ops.quantize_act` (a launch of its own, for prompts), and in decode steps
+by the kernel that computes the values: the products' epilogues (qmatmul: the residual stream
+after wo / w_down, the gated activation after gate/up) and attention's combine, so a decode step
+has no quantizer launches at all.
+
+`quant32` is the one quantizer: a warp holds 32 values, one a lane. `gated` is the activation of
+a gated feed-forward, act(gate) * up.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+
+from ..._numba import cuda_jit
+from . import ptx
+
+MODE_COPY, MODE_NORM, MODE_SILU, MODE_GELU = 0, 1, 2, 3
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@cuda_jit(device=True)
+def round_away(a):
+    h = np.float32(0.5)   # (a float64 literal would turn the whole expression float64)
+    return int(a + h) if a >= 0 else -int(h - a)
+
+
+@cuda_jit(device=True)
+def gated(v, up, mode):
+    """act(v) * up: SiLU (MODE_SILU) or tanh-GELU (MODE_GELU)."""
+    # (exponents capped at 80: e^80 is already past every float32 that matters here, and the
+    # simulator's Python math.exp raises where the GPU's would give inf)
+    if mode == MODE_SILU:
+        return v / (np.float32(1.0) + math.exp(min(-v, np.float32(80.0)))) * up
+    # tanh(y) = 1 - 2 / (exp(2y) + 1): fast-math's tanh is a coarse approximation
+    y = np.float32(GELU_C) * v * (np.float32(1.0) + np.float32(0.044715) * v * v)
+    th = np.float32(1.0) - np.float32(2.0) / (math.exp(min(np.float32(2.0) * y, np.float32(80.0))) + np.float32(1.0))
+    return np.float32(0.5) * v * (np.float32(1.0) + th) * up
+
+
+@cuda_jit(device=True)
+def quant32(v, store, xq8, xd, xs, t, b):
+    """Quantize the warp's 32 values (v: this lane's) as q8 block b of token t; written only when
+    `store`. A warp collective: every thread of the block calls it (see ptx.py)."""
+    lane = cuda.threadIdx.x & 31
+    amax = ptx.warp_max(abs(v))
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    q = round_away(v * inv)
+    lo = ptx.warp_sum(q if lane < 16 else 0)
+    hi = ptx.warp_sum(q if lane >= 16 else 0)
+    if store:
+        xq8[t, 32 * b + lane] = q
+        if lane == 0:
+            xd[t, b] = amax / np.float32(127.0)
+            xs[t, 2 * b] = lo
+            xs[t, 2 * b + 1] = hi
