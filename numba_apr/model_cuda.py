@@ -23,7 +23,7 @@ from .arch import Config
 from ._numba import cuda_jit
 from .errors import NumbaAprError
 from .kernels.cuda import ptx
-from .kernels.cuda.attention import attention, attention_workspace
+from .kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
 from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
@@ -145,10 +145,12 @@ def _project(out, mats, act, T, stream, bias=None):
         qmatmul(out, m, act, T, stream, bias=bias, col=col)
 
 
-def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False):
+def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False,
+            short: bool = False):
     """Run s.tokens[:T] at positions s.pos[0] .. + T-1 through the model (device-side inputs),
     filling the KV cache; the logits of the last token go to s.logits, or of every token to
     s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised.
+    `short`: no position reaches attention.SHORT_CTX (a decode plan for short contexts).
 
     `a` is the next product's quantized input. Prompts quantize it in a launch of its own
     (quantize_act); a decode step gets it from the kernel that made the values (attention's
@@ -169,7 +171,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
                 stream, s.act.empty)
         a = attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
-                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None)
+                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, short)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
         a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse)
@@ -242,7 +244,7 @@ class CudaRunner:
             self.stream = cuda.external_stream(int(self.core_stream.handle))
         self.w = upload_weights(c, w)
         self.s = DeviceState(c, n_ctx, n_batch)
-        self.graphs = {}            # sampler key -> captured decode step
+        self.graphs = {}            # (sampler key, short context) -> captured decode step
         self._host_tok = cuda.pinned_array(1, np.int32) if not ptx.SIM else np.zeros(1, np.int32)
         self._ahead = None          # (token, position) the device's inputs already hold
 
@@ -270,8 +272,8 @@ class CudaRunner:
         return out
 
     # -- decode steps: eager under the simulator, else one CUDA graph per sampler --------------
-    def _step(self, sampler, stream):
-        forward(self.c, self.w, self.s, 1, stream)
+    def _step(self, sampler, stream, short):
+        forward(self.c, self.w, self.s, 1, stream, short=short)
         sampler.sample(self.s.logits[0], self.s.tokens[0:1], stream)
         _next_pos[1, 1, stream](self.s.pos)
 
@@ -282,22 +284,24 @@ class CudaRunner:
         call passes when generating: then nothing is copied to the device at all."""
         if self._ahead != (token, pos):
             self._set_inputs(np.array([token], np.int32), pos)
+        # Two graphs a sampler: up to SHORT_CTX positions, and past them (attention's plan).
+        short = pos < SHORT_CTX
         if not ptx.SIM and not sampler.graph_capturable:
-            forward(self.c, self.w, self.s, 1, self.stream)
+            forward(self.c, self.w, self.s, 1, self.stream, short=short)
             self._ahead = None
             return sampler.sample(self.s.logits[0], self.s.tokens[0:1], self.stream)
-        g = self.graphs.get(id(sampler))
+        g = self.graphs.get((id(sampler), short))
         if g is not None:
             g.launch(self.core_stream)
         else:
             # The first step runs eagerly (compiling any kernel not yet compiled), then the
             # same launches are recorded, not run, into the graph the later steps replay.
-            self._step(sampler, self.stream)
+            self._step(sampler, self.stream, short)
             if not ptx.SIM:
                 gb = self.core_stream.create_graph_builder()
                 gb.begin_building()
-                self._step(sampler, gb)
-                self.graphs[id(sampler)] = gb.end_building().complete()
+                self._step(sampler, gb, short)
+                self.graphs[(id(sampler), short)] = gb.end_building().complete()
         self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
         self.stream.synchronize()
         tok = int(self._host_tok[0])

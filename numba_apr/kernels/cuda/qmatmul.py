@@ -406,7 +406,8 @@ def _make_kernel(unit, NT):
 
 # Decoding (T = 1): one warp a row (EPI_GATED: a gate row and its up row), 4 warps a block, each
 # lane two units of the row in flight (one warp-row alone is latency-bound: a DRAM load takes
-# ~0.6 us). Many small blocks, so that even a 896-row product spreads over all multiprocessors
+# ~0.6 us; UNROLL = 1 where a row has at most 32 units: the second would be all padding, and its
+# registers cost occupancy). Many small blocks, so that even a 896-row product spreads over all multiprocessors
 # (blocks of 32 rows, 8 warps of 4 rows, measured 7.1 us against 4.4 for a 896 x 896 product on an
 # H100: 28 blocks leave 104 of 132 multiprocessors idle).
 #
@@ -427,7 +428,7 @@ def _make_kernel(unit, NT):
 EPI_STORE, EPI_QUANT, EPI_GATED = 0, 1, 2
 
 
-def _make_decode_kernel(unit, EPI):
+def _make_decode_kernel(unit, EPI, UNROLL):
     NR = 2 if EPI == EPI_GATED else 1
     GROUP = 32 // WARPS                  # blocks a 32-value q8 block of the output takes
 
@@ -439,16 +440,18 @@ def _make_decode_kernel(unit, EPI):
         acc = cuda.local.array(NR, np.float32)
         for j in range(NR):
             acc[j] = 0.0
-        for u0 in range(lane, n_units, 64):
-            # two units a lane per trip (written out: a loop over them stays a loop in the PTX,
-            # one load in flight), the second weighted 0 past the row's end
-            u1 = min(u0 + 32, n_units - 1)
-            keep = np.float32(1.0) if u0 + 32 < n_units else np.float32(0.0)
+        for u0 in range(lane, n_units, 32 * UNROLL):
             acc[0] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u0, xq, xd, xs)
-            acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u1, xq, xd, xs)
             if EPI == EPI_GATED:
                 acc[1] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u0, xq, xd, xs)
-                acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u1, xq, xd, xs)
+            if UNROLL == 2:
+                # a second unit a lane in the same trip (written out: a loop over the two stays
+                # a loop in the PTX, one load in flight), weighted 0 past the row's end
+                u1 = min(u0 + 32, n_units - 1)
+                keep = np.float32(1.0) if u0 + 32 < n_units else np.float32(0.0)
+                acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u1, xq, xd, xs)
+                if EPI == EPI_GATED:
+                    acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u1, xq, xd, xs)
         scale = np.float32(1.0)
         if ss_in.shape[0] > 0:
             s = np.float32(0.0)
@@ -649,13 +652,13 @@ _KERNELS: dict = {}
 
 def _kernel(qtype: int, NT: int, tc: bool = False, epi=None):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
-    or the decode kernel with epilogue `epi`."""
+    or the decode kernel with epilogue `epi` and NT units a lane per trip."""
     k = _KERNELS.get((qtype, NT, tc, epi))
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[(qtype, NT, tc, epi)] = (
             _make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
-            else _make_decode_kernel(unit, epi) if epi is not None else _make_kernel(unit, NT))
+            else _make_decode_kernel(unit, epi, NT) if epi is not None else _make_kernel(unit, NT))
     return k
 
 
@@ -707,7 +710,7 @@ def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
 
 
 def _decode(epi, out, m, act, stream, bias, accumulate, col, blocks, half, mode, nw, dst, ss_out=None):
-    launch(_kernel(m.qtype, 1, epi=epi), blocks, 32 * WARPS, stream,
+    launch(_kernel(m.qtype, 2 if m.K > 32 * 32 else 1, epi=epi), blocks, 32 * WARPS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count)
