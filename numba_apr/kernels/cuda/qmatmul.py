@@ -9,21 +9,22 @@ as consecutive 16-byte loads (`ptx.ldg4`, 512 bytes a warp instruction, through 
 cache). Bytes per weight stay GGUF's (Q6_K: +2 bytes of padding per 210-byte block).
 
 Arithmetic, as llama.cpp's CUDA backend does it (mmvq): activations are quantized once per
-product to int8 with a float scale per 32 values (q8_1, `quantize_act` in ops.py writes
-xq / xd / xs); a weight "unit" is 32 weights = two halves of 16, each half with its own scale d
+product to int8 with a float scale per 32 values (q8_1, q8.py: written by `quantize_act` in
+ops.py, or in decode steps by the kernel that makes the values, see below); a weight "unit" is 32 weights = two halves of 16, each half with its own scale d
 and offset m (w = d * q + m, q the stored small integer); a half's dot is 4 `dp4a` of packed
 bytes, and
 
     x . w  =  xd * (d0 * dot(q, xq)_0 + m0 * sum(xq)_0 + d1 * dot_1 + m1 * sum_1)
 
 where sum(xq) over 16 values comes from xs. Per type only `_unit_<type>` differs: where a unit's
-weights, scales and activations are. One kernel factory (`_make_kernel`) builds the product for
-each type and tile width NT (tokens per block: 1 when decoding, `PREFILL_NT` for a prompt, so
-each weight is read once per NT tokens).
+weights, scales and activations are. Kernel factories build the product for each type:
+`_make_decode_kernel` for one token, `_make_kernel` for NT = `PREFILL_NT` tokens a block (small
+batches: each weight is read once per NT tokens).
 
 Launch: one warp per output row, 4 warps a block, lanes strided over the row's units; the 32
 partial sums meet in a butterfly (`ptx.warp_sum`). Epilogue: + bias, and either store or add
-into the output (the residual stream), selected by an argument.
+into the output (the residual stream), selected by an argument; decoding, also the next
+product's q8 input (`qmatmul_quant`, `qmatmul_gated`: see `_make_decode_kernel`).
 
 Prompts (T >= MMA_MIN_T) go to the int8 tensor cores instead (`_make_mma_kernel`, inline
 `mma.sync` from ptx.py): a block decodes a 64-row x 128-column weight tile through the same
