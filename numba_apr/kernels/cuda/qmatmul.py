@@ -260,6 +260,19 @@ def _k4_common(w, o_sc, s_sc, r, u):
 
 
 @cuda_jit(device=True)
+def _with_high_bits(a, b, c, d, q0, q1, q2, q3, s_lo, s_hi, mask):
+    """K-quant quants of 5 or 6 bits: the low and high nibbles of the quant words a..d, each
+    byte with its top bits from the qh words q0..q3 (bits at s_lo for the low nibbles, s_hi for
+    the high ones, `mask` per byte) put above bit 4."""
+    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
+    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
+    return (l0 | (((q0 >> s_lo) & mask) << 4), l1 | (((q1 >> s_lo) & mask) << 4),
+            l2 | (((q2 >> s_lo) & mask) << 4), l3 | (((q3 >> s_lo) & mask) << 4),
+            h0 | (((q0 >> s_hi) & mask) << 4), h1 | (((q1 >> s_hi) & mask) << 4),
+            h2 | (((q2 >> s_hi) & mask) << 4), h3 | (((q3 >> s_hi) & mask) << 4))
+
+
+@cuda_jit(device=True)
 def _unit_q4_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     a, b, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
     ch, o, d0, m0, d1, m1, e0, e1 = _k4_common(w, o_sc, s_sc, r, u)
@@ -274,18 +287,7 @@ def _unit_q5_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     ch, o, d0, m0, d1, m1, e0, e1 = _k4_common(w, o_sc, s_sc, r, u)
     # qh byte l holds the 5th bit of element l of sub-block 2c (bit 2c) and 2c+1 (bit 2c+1).
     q0, q1, q2, q3 = ptx.ldg4(w, o_qh + r * s_qh + 8 * (u >> 3) + (o >> 2))
-    s = 2 * ch
-    m = 0x01010101
-    l0, l1, l2, l3 = _nib(a, b, c, d, 0)
-    h0, h1, h2, h3 = _nib(a, b, c, d, 4)
-    l0 |= ((q0 >> s) & m) << 4
-    l1 |= ((q1 >> s) & m) << 4
-    l2 |= ((q2 >> s) & m) << 4
-    l3 |= ((q3 >> s) & m) << 4
-    h0 |= ((q0 >> (s + 1)) & m) << 4
-    h1 |= ((q1 >> (s + 1)) & m) << 4
-    h2 |= ((q2 >> (s + 1)) & m) << 4
-    h3 |= ((q3 >> (s + 1)) & m) << 4
+    l0, l1, l2, l3, h0, h1, h2, h3 = _with_high_bits(a, b, c, d, q0, q1, q2, q3, 2 * ch, 2 * ch + 1, 0x01010101)
     return l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1
 
 
@@ -308,19 +310,7 @@ def _unit_q6_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     l = (r4 & 1) * 16
     a, bb, c, d = ptx.ldg4(w, r * s_qs + 4 * u)
     q0, q1, q2, q3 = ptx.ldg4(w, o_qh + r * s_qh + 16 * b + 8 * n + (l >> 2))
-    m3 = 0x03030303
-    s0 = 2 * g
-    s1 = 4 + 2 * g
-    l0, l1, l2, l3 = _nib(a, bb, c, d, 0)
-    h0, h1, h2, h3 = _nib(a, bb, c, d, 4)
-    l0 |= ((q0 >> s0) & m3) << 4
-    l1 |= ((q1 >> s0) & m3) << 4
-    l2 |= ((q2 >> s0) & m3) << 4
-    l3 |= ((q3 >> s0) & m3) << 4
-    h0 |= ((q0 >> s1) & m3) << 4
-    h1 |= ((q1 >> s1) & m3) << 4
-    h2 |= ((q2 >> s1) & m3) << 4
-    h3 |= ((q3 >> s1) & m3) << 4
+    l0, l1, l2, l3, h0, h1, h2, h3 = _with_high_bits(a, bb, c, d, q0, q1, q2, q3, 2 * g, 4 + 2 * g, 0x03030303)
     so = o_sc + r * s_sc + 5 * b
     e0 = 256 * b + 128 * n + 32 * g + l
     i0 = 8 * n + 2 * g + (r4 & 1)   # scale of 16 elements e0 .. (index e0 // 16 in the block)
