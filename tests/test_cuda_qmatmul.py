@@ -124,6 +124,32 @@ def test_decode_gated_epilogue(rng, name, mode):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
+@pytest.mark.parametrize("plan", [(2, 4, 1), (1, 2, 1), (1, 1, 2)])
+def test_decode_plans(rng, monkeypatch, plan):
+    """Every decode plan (units a lane a trip, warps a row, rows a warp: qmatmul._plan picks one
+    by row length, which shapes small enough for the simulator would not reach) gives the same
+    results: split rows through the quantizing epilogue, two rows a warp through the gated one."""
+    monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi: plan)
+    K, N = 256, 64
+    raw = case(rng, "Q4_K", 2 * N if plan[2] == 2 else N, K)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(1, K)
+    ops.quantize_act(act, cuda.to_device(x), 1, 0)
+    want = qm.qmatmul_ref(raw, Q.Q4_K, K, x)
+    if plan[2] == 2:
+        from numba_apr.kernels.cpu.ops import gated_act_ref
+        nxt = qm.qmatmul_gated(qm.upload(raw, Q.Q4_K, K), act, 0, ops.ActBuffers.allocate(1, N), ops.MODE_SILU)
+        check(nxt.xf.copy_to_host(), gated_act_ref(want[:, :N], want[:, N:], False), K)
+    else:
+        res = rng.standard_normal((1, N)).astype(np.float32)
+        d_res = cuda.to_device(res)
+        nxt = qm.qmatmul_quant(d_res, qm.upload(raw, Q.Q4_K, K), act, 0, ops.ActBuffers.allocate(1, N))
+        new = d_res.copy_to_host()
+        check(new, res + want, K)
+        assert np.array_equal(nxt.xq8.copy_to_host()[:, :N], qm.quantize_act_ref(new)[0]), f"seed {SEED}"
+    assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
+
+
 @cuda.jit
 def _mma_probe(a, b, d):
     lane = cuda.threadIdx.x

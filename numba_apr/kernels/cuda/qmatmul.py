@@ -395,12 +395,18 @@ def _make_kernel(unit, NT):
     return kernel
 
 
-# Decoding (T = 1): one warp a row (EPI_GATED: a gate row and its up row), 4 warps a block, each
-# lane two units of the row in flight (one warp-row alone is latency-bound: a DRAM load takes
-# ~0.6 us; UNROLL = 1 where a row has at most 32 units: the second would be all padding, and its
-# registers cost occupancy). Many small blocks, so that even a 896-row product spreads over all multiprocessors
-# (blocks of 32 rows, 8 warps of 4 rows, measured 7.1 us against 4.4 for a 896 x 896 product on an
-# H100: 28 blocks leave 104 of 132 multiprocessors idle).
+# Decoding (T = 1). A block takes 4 * RW rows: each row is taken by KS warps (1, 2 or 4: rows of
+# 64+ units are split over KS warps, which add their sums in shared memory; the block has 4 * KS
+# warps), and a warp takes RW rows (EPI_GATED: RW gate rows and their up rows); each lane one or
+# two units (UNROLL) of each row in flight per trip. The plan (`_plan`) aims at one short dependent chain a warp: a DRAM load
+# takes ~0.6 us, and a warp that walks its units in several trips waits for each (measured on an
+# H100, chained graph replay: a 896 x 4864 Q6_K product 7.2 us with a warp a row, 3 trips; a
+# gate/up of 9728 x 896 rows 7.3 us as 1,216 blocks, more than fit at once). Many small blocks,
+# so that even a 896-row product spreads over all multiprocessors (blocks of 32 rows, measured
+# 7.1 us against 4.4 for a 896 x 896 product: 28 blocks leave 104 of 132 multiprocessors idle).
+# (The split warps stay in the block of their row, rather than a block taking 4 / KS rows: that
+# tried first, a q8 block of the output spread over 32 blocks, and the down product's epilogue
+# grew from 1.1 to 3.8 us.)
 #
 # Epilogues (EPI, a compile-time choice):
 #   EPI_STORE  out[0, col + r] = v (+ bias), or += v;
@@ -409,40 +415,66 @@ def _make_kernel(unit, NT):
 #              consumer) and ss_out[g] = the sum of squares of out's 32-value block g;
 #   EPI_GATED  rows [0, half) are gate, [half, 2 half) up (one matrix): the output is
 #              act(gate) * up, as float (xf) and q8.
-# The q8 of a 32-value block needs all 32 values, which 8 blocks compute: each block counts
-# itself in `count[g]` after storing its rows, and the last of the 8 (the one that sees 7)
-# quantizes the block and sets the count back to 0 for the next launch (the CUDA
-# threadFenceReduction pattern; values are read back with atomics, which go to L2, so no stale
-# L1 line is read). This saves the quantizer launch a product used to need.
+# The q8 of a 32-value block needs all 32 values, which 32 / (rows a block) blocks compute: each
+# block counts itself in `count[g]` after storing its rows, and the last of the group quantizes
+# the block and sets the count back to 0 for the next launch (the CUDA threadFenceReduction
+# pattern; values are read back with atomics, which go to L2, so no stale L1 line is read). This
+# saves the quantizer launch a product used to need.
 # The input: q8 of x, or of x * w with ss_in holding x's sums of squares per 32 (as EPI_QUANT
 # writes them): then every result is scaled by 1 / rms(x), which commutes with the product.
 EPI_STORE, EPI_QUANT, EPI_GATED = 0, 1, 2
 
 
-def _make_decode_kernel(unit, EPI, UNROLL):
+SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
+
+
+def _plan(n_units: int, rows: int, epi: int) -> tuple[int, int, int]:
+    """(UNROLL, KS, RW) of a decode product of `rows` rows of n_units units. Rows are split over
+    KS warps only where there are too few rows to fill the card: a 7B's products have thousands,
+    and its 512-thread blocks (one a multiprocessor at 80 registers) read 16% slower."""
+    KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= SPLIT_ROWS))
+    UNROLL = 2 if n_units > 32 * KS else 1
+    RW = 2 if epi == EPI_GATED and KS == 1 and UNROLL == 1 else 1
+    return UNROLL, KS, RW
+
+
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
     NR = 2 if EPI == EPI_GATED else 1
-    GROUP = 32 // WARPS                  # blocks a 32-value q8 block of the output takes
+    NA = NR * RW                         # accumulators a lane
+    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
+    NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
+
+    @cuda_jit(device=True, inline=True)
+    def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, u, keep, xq, xd, xs):
+        """acc += keep * unit u of the warp's rows (and, gated, of their up rows)."""
+        acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u, xq, xd, xs)
+        if RW == 2:
+            acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + 1, u, xq, xd, xs)
+        if EPI == EPI_GATED:
+            acc[RW] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u, xq, xd, xs)
+            if RW == 2:
+                acc[RW + 1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + 1 + half, u, xq, xd, xs)
 
     @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count):
         lane = cuda.threadIdx.x & 31
-        r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
-        acc = cuda.local.array(NR, np.float32)
-        for j in range(NR):
+        warp = cuda.threadIdx.x >> 5
+        kw = warp % KS                   # this warp's share of its row's units
+        r = (cuda.blockIdx.x * WARPS + warp // KS) * RW
+        acc = cuda.local.array(NA, np.float32)
+        for j in range(NA):
             acc[j] = 0.0
-        for u0 in range(lane, n_units, 32 * UNROLL):
-            acc[0] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u0, xq, xd, xs)
-            if EPI == EPI_GATED:
-                acc[1] += _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u0, xq, xd, xs)
+        one = np.float32(1.0)
+        for u0 in range(lane + 32 * kw, n_units, 32 * KS * UNROLL):
+            add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, u0, one, xq, xd, xs)
             if UNROLL == 2:
                 # a second unit a lane in the same trip (written out: a loop over the two stays
                 # a loop in the PTX, one load in flight), weighted 0 past the row's end
-                u1 = min(u0 + 32, n_units - 1)
-                keep = np.float32(1.0) if u0 + 32 < n_units else np.float32(0.0)
-                acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u1, xq, xd, xs)
-                if EPI == EPI_GATED:
-                    acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u1, xq, xd, xs)
+                u1 = u0 + 32 * KS
+                keep = one if u1 < n_units else np.float32(0.0)
+                add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, min(u1, n_units - 1), keep,
+                          xq, xd, xs)
         scale = np.float32(1.0)
         if ss_in.shape[0] > 0:
             s = np.float32(0.0)
@@ -450,24 +482,40 @@ def _make_decode_kernel(unit, EPI, UNROLL):
                 s += ss_in[i]
             s = ptx.warp_sum(s)
             scale = np.float32(1.0) / math.sqrt(s / np.float32(32 * ss_in.shape[0]) + eps)
-        v = ptx.warp_sum(acc[0]) * scale
-        if EPI == EPI_GATED:
-            v = gated(v, ptx.warp_sum(acc[1]) * scale, mode)
+        for j in range(NA):
+            acc[j] = ptx.warp_sum(acc[j]) * scale
+        if KS > 1:
+            part = cuda.shared.array((NWB, NA), np.float32)
             if lane == 0:
-                qf[0, r] = v
-        elif lane == 0 and r < rows:
-            if EPI == EPI_QUANT:
-                if bias.shape[0] > 0:
-                    v += bias[r]
-                if accumulate_out:
-                    v += out[0, r]
-                out[0, r] = v
-            else:
-                _store(out, bias, col + r, 0, v, accumulate_out)
+                for j in range(NA):
+                    part[warp, j] = acc[j]
+            cuda.syncthreads()
+            for j in range(NA):
+                t = np.float32(0.0)
+                for i in range(KS):
+                    t += part[warp - kw + i, j]
+                acc[j] = t
+        if lane == 0 and kw == 0:
+            # (EPI_QUANT / EPI_GATED: each storing lane fences its own stores, below, for the
+            # block that quantizes; a fence by every thread of a 512-thread block cost ~1.5 us)
+            for j in range(RW):
+                v = acc[j]
+                if EPI == EPI_GATED:
+                    qf[0, r + j] = gated(v, acc[RW + j], mode)
+                elif r < rows:
+                    if EPI == EPI_QUANT:
+                        if bias.shape[0] > 0:
+                            v += bias[r]
+                        if accumulate_out:
+                            v += out[0, r]
+                        out[0, r] = v
+                    else:
+                        _store(out, bias, col + r, 0, v, accumulate_out)
+            if EPI != EPI_STORE:
+                cuda.threadfence()       # this lane's values, visible to the last block
         if EPI != EPI_STORE:
             last = cuda.shared.array(1, np.int32)
             g = cuda.blockIdx.x // GROUP
-            cuda.threadfence()           # this block's values, visible to the last block
             cuda.syncthreads()
             if cuda.threadIdx.x == 0:
                 last[0] = cuda.atomic.add(count, g, 1) == GROUP - 1
@@ -641,15 +689,15 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None):
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
-    or the decode kernel with epilogue `epi` and NT units a lane per trip."""
-    k = _KERNELS.get((qtype, NT, tc, epi))
+    or the decode kernel with epilogue `epi` and `plan` (see _plan)."""
+    k = _KERNELS.get((qtype, NT, tc, epi, plan))
     if k is None:
         unit = UNITS[qtype]
-        k = _KERNELS[(qtype, NT, tc, epi)] = (
+        k = _KERNELS[(qtype, NT, tc, epi, plan)] = (
             _make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
-            else _make_decode_kernel(unit, epi, NT) if epi is not None else _make_kernel(unit, NT))
+            else _make_decode_kernel(unit, epi, *plan) if epi is not None else _make_kernel(unit, NT))
     return k
 
 
@@ -667,7 +715,7 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
         return
     n_units = m.K // 32
     if T == 1:
-        _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, grid_x, 0, 0, act.empty, act)
+        _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act)
         return
     if T >= MMA_MIN_T:
         grid = ((m.rows + MMA_ROWS - 1) // MMA_ROWS, (T + MMA_TOK - 1) // MMA_TOK)
@@ -686,7 +734,7 @@ def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, 
     into dst (ActBuffers): q8 of out * norm_w, with ss [m.rows / 32] the sums of squares that
     make the norm's 1 / rms (see ActBuffers.pending). Returns the ActBuffers view to pass on."""
     d = dst.cols(m.rows)
-    _decode(EPI_QUANT, out, m, act, stream, act.empty, accumulate, 0, m.rows // WARPS, 0, 0,
+    _decode(EPI_QUANT, out, m, act, stream, act.empty, accumulate, 0, m.rows, 0, 0,
             act.empty if norm_w is None else norm_w, d, act.empty if ss is None else ss)
     return d if ss is None else d.pending(ss, eps)
 
@@ -696,12 +744,16 @@ def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
     its view."""
     half = m.rows // 2
     d = dst.cols(half)
-    _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half // WARPS, half, mode, act.empty, d)
+    _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half, half, mode, act.empty, d)
     return d
 
 
-def _decode(epi, out, m, act, stream, bias, accumulate, col, blocks, half, mode, nw, dst, ss_out=None):
-    launch(_kernel(m.qtype, 2 if m.K > 32 * 32 else 1, epi=epi), blocks, 32 * WARPS, stream,
+def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None):
+    """The decode kernel for n_out output rows (gated: n_out = half)."""
+    plan = _plan(m.K // 32, n_out, epi)
+    _, KS, RW = plan
+    per_block = WARPS * RW
+    launch(_kernel(m.qtype, 0, epi=epi, plan=plan), (n_out + per_block - 1) // per_block, 32 * WARPS * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count)
