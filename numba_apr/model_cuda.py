@@ -28,7 +28,7 @@ from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
 from .kernels.cuda.qmatmul import (FLOAT_TYPES, SUPPORTED, DeviceMatrix, concat, qmatmul, qmatmul_gated,
-                                   qmatmul_quant, upload)
+                                   qmatmul_quant, qmatmul_rope, upload)
 from .model import Weights
 
 
@@ -157,6 +157,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     combine, a product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
     no kernel overwrites the input it reads."""
     x, eps = s.x, c.norm_eps
+    nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
     fuse = T == 1 and w.fusable
     qa, qb = (s.act, s.act1) if fuse else (s.act, s.act)
@@ -164,12 +165,18 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     a = None
 
     for l, (L, plan) in enumerate(zip(w.layers, c.layers)):
-        # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write, attention.
+        # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write (decoding:
+        # in the product's epilogue), attention.
         if a is None:
             a = quantize_act(qa, x, T, stream, MODE_NORM, L.attn_norm, eps)
-        _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
-        rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
-                stream, s.act.empty)
+        if fuse and L.q_norm is None and c.rope_dim == c.head_dim:
+            for m, col in L.qkv:     # the product rotates q and k and fills the cache itself
+                qmatmul_rope(s.qkv, m, a, stream, col, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],
+                             s.v_layer[l], nq + nk, nq, c.head_dim, c.rope_neox)
+        else:
+            _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
+            rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
+                    stream, s.act.empty)
         a = attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
                       c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, short)
         if a is None:

@@ -150,6 +150,44 @@ def test_decode_plans(rng, monkeypatch, plan):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
+@pytest.mark.parametrize("neox", [True, False])
+def test_decode_rope_epilogue(rng, neox):
+    """Decoding, the Q/K/V product that rotates q and k itself and writes the cache
+    (qmatmul_rope) = the product, then ops.rope_kv; here with [q | k] and v as two matrices of
+    different types, and a bias."""
+    from types import SimpleNamespace
+    K, n_head, n_kv, hd, n_ctx, p = 64, 2, 1, 32, 8, 5
+    nq, nk = n_head * hd, n_kv * hd
+    c = SimpleNamespace(n_head=n_head, n_head_kv=n_kv, head_dim=hd, head_dim_v=hd, rope_dim=hd,
+                        rope_neox=neox, norm_eps=1e-6)
+    mats = [(case(rng, "Q8_0", nq + nk, K), "Q8_0", 0), (case(rng, "Q5_0", nk, K), "Q5_0", nq + nk)]
+    dm = [(qm.upload(raw, Q[t], K), col) for raw, t, col in mats]
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(1, K)
+    ops.quantize_act(act, cuda.to_device(x), 1, 0)
+    bias = cuda.to_device(rng.standard_normal(nq + 2 * nk).astype(np.float32))
+    pos = cuda.to_device(np.array([p], np.int32))
+    table = ops.rope_table(n_ctx, hd, 10000.0)
+    noise = rng.standard_normal((n_ctx, nk)).astype(np.float16)
+    results = []
+    for fused in (False, True):
+        qkv = cuda.to_device(np.zeros((1, nq + 2 * nk), np.float32))
+        kc, vc = cuda.to_device(noise), cuda.to_device(noise)
+        for m, col in dm:
+            if fused:
+                qm.qmatmul_rope(qkv, m, act, 0, col, bias, pos, table, kc, vc, nq + nk, nq, hd, neox)
+            else:
+                qm.qmatmul(qkv, m, act, 1, 0, bias=bias, col=col)
+        if not fused:
+            ops.rope_kv(qkv, pos, 1, c, table, None, None, kc, vc, 0, act.empty)
+        results.append((qkv.copy_to_host()[:, :nq], kc.copy_to_host(), vc.copy_to_host()))
+    (q0, k0, v0), (q1, k1, v1) = results
+    np.testing.assert_allclose(q1, q0, rtol=1e-5, atol=1e-5, err_msg=f"seed {SEED}")
+    np.testing.assert_allclose(k1.astype(np.float32), k0.astype(np.float32), rtol=2e-3, atol=1e-4)
+    np.testing.assert_array_equal(v1, v0)
+    assert np.array_equal(np.delete(k1, p, 0), np.delete(noise, p, 0)), "only row pos[0] of the cache is written"
+
+
 @cuda.jit
 def _mma_probe(a, b, d):
     lane = cuda.threadIdx.x

@@ -414,7 +414,11 @@ def _make_kernel(unit, NT):
 #              (the next RMS norm's weight; its 1 / rms, a whole-vector quantity, is left to the
 #              consumer) and ss_out[g] = the sum of squares of out's 32-value block g;
 #   EPI_GATED  rows [0, half) are gate, [half, 2 half) up (one matrix): the output is
-#              act(gate) * up, as float (xf) and q8.
+#              act(gate) * up, as float (xf) and q8;
+#   EPI_ROPE   the Q/K/V product (columns col.. of [q | k | v]): a warp takes the two rows that
+#              RoPE rotates together (`_rope_pair`), rotates them at position pos[0], and stores
+#              q into out, k and v into the f16 caches (the work of ops.rope_kv, whose launch
+#              this saves).
 # The q8 of a 32-value block needs all 32 values, which 32 / (rows a block) blocks compute: each
 # block counts itself in `count[g]` after storing its rows, and the last of the group quantizes
 # the block and sets the count back to 0 for the next launch (the CUDA threadFenceReduction
@@ -422,7 +426,22 @@ def _make_kernel(unit, NT):
 # saves the quantizer launch a product used to need.
 # The input: q8 of x, or of x * w with ss_in holding x's sums of squares per 32 (as EPI_QUANT
 # writes them): then every result is scaled by 1 / rms(x), which commutes with the product.
-EPI_STORE, EPI_QUANT, EPI_GATED = 0, 1, 2
+EPI_STORE, EPI_QUANT, EPI_GATED, EPI_ROPE = 0, 1, 2, 3
+
+
+@cuda_jit(device=True)
+def _rope_pair(j, n_rot, hd, neox):
+    """Columns (a, b) of [q | k | v] that pair j holds: in q and k (the first n_rot columns) the
+    two that RoPE rotates together (NeoX: i and i + hd/2 of a head; else 2i and 2i + 1), in v
+    two neighbours."""
+    if 2 * j >= n_rot:
+        return 2 * j, 2 * j + 1
+    h2 = hd // 2
+    head = j // h2
+    i = j - head * h2
+    if neox:
+        return head * hd + i, head * hd + i + h2
+    return head * hd + 2 * i, head * hd + 2 * i + 1
 
 
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
@@ -434,8 +453,30 @@ def _plan(n_units: int, rows: int, epi: int) -> tuple[int, int, int]:
     and its 512-thread blocks (one a multiprocessor at 80 registers) read 16% slower."""
     KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= SPLIT_ROWS))
     UNROLL = 2 if n_units > 32 * KS else 1
-    RW = 2 if epi == EPI_GATED and KS == 1 and UNROLL == 1 else 1
+    RW = 2 if epi == EPI_ROPE or (epi == EPI_GATED and KS == 1 and UNROLL == 1) else 1
     return UNROLL, KS, RW
+
+
+@cuda_jit(device=True)
+def _rope_store(out, bias, va, vb, a, b, p, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox):
+    """EPI_ROPE's stores for columns a, b of [q | k | v] at position p: q rotated into out, k
+    rotated into the cache, v into the cache."""
+    if bias.shape[0] > 0:
+        va += bias[a]
+        vb += bias[b]
+    if a >= n_rot:
+        v_cache[p, a - n_rot] = np.float16(va)
+        v_cache[p, b - n_rot] = np.float16(vb)
+        return
+    i = a % hd if neox else (a % hd) // 2
+    c, sn = cos[p, i], sin[p, i]
+    x0, x1 = va * c - vb * sn, va * sn + vb * c
+    if a < n_q:
+        out[0, a] = x0
+        out[0, b] = x1
+    else:
+        k_cache[p, a - n_q] = np.float16(x0)
+        k_cache[p, b - n_q] = np.float16(x1)
 
 
 def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
@@ -445,35 +486,40 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
     NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
 
     @cuda_jit(device=True, inline=True)
-    def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, u, keep, xq, xd, xs):
-        """acc += keep * unit u of the warp's rows (and, gated, of their up rows)."""
+    def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u, keep, xq, xd, xs):
+        """acc += keep * unit u of the warp's rows r (and r1) (and, gated, of their up rows)."""
         acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u, xq, xd, xs)
         if RW == 2:
-            acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + 1, u, xq, xd, xs)
+            acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r1, rows - 1), u, xq, xd, xs)
         if EPI == EPI_GATED:
             acc[RW] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u, xq, xd, xs)
             if RW == 2:
-                acc[RW + 1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + 1 + half, u, xq, xd, xs)
+                acc[RW + 1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r1 + half, u, xq, xd, xs)
 
     @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
-               bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count):
+               bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
+               pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox):
         lane = cuda.threadIdx.x & 31
         warp = cuda.threadIdx.x >> 5
         kw = warp % KS                   # this warp's share of its row's units
         r = (cuda.blockIdx.x * WARPS + warp // KS) * RW
+        r1 = r + 1
+        if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
+            a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
+            r, r1 = a - col, b - col
         acc = cuda.local.array(NA, np.float32)
         for j in range(NA):
             acc[j] = 0.0
         one = np.float32(1.0)
         for u0 in range(lane + 32 * kw, n_units, 32 * KS * UNROLL):
-            add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, u0, one, xq, xd, xs)
+            add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
             if UNROLL == 2:
                 # a second unit a lane in the same trip (written out: a loop over the two stays
                 # a loop in the PTX, one load in flight), weighted 0 past the row's end
                 u1 = u0 + 32 * KS
                 keep = one if u1 < n_units else np.float32(0.0)
-                add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, half, min(u1, n_units - 1), keep,
+                add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(u1, n_units - 1), keep,
                           xq, xd, xs)
         scale = np.float32(1.0)
         if ss_in.shape[0] > 0:
@@ -495,7 +541,11 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
                 for i in range(KS):
                     t += part[warp - kw + i, j]
                 acc[j] = t
-        if lane == 0 and kw == 0:
+        if EPI == EPI_ROPE:
+            if lane == 0 and kw == 0 and (cuda.blockIdx.x * WARPS + warp // KS) * 2 < rows:
+                _rope_store(out, bias, acc[0], acc[1], r + col, r1 + col, pos[0], cos, sin, k_cache, v_cache,
+                            n_rot, n_q, hd, neox)
+        elif lane == 0 and kw == 0:
             # (EPI_QUANT / EPI_GATED: each storing lane fences its own stores, below, for the
             # block that quantizes; a fence by every thread of a 512-thread block cost ~1.5 us)
             for j in range(RW):
@@ -511,9 +561,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
                         out[0, r] = v
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
-            if EPI != EPI_STORE:
+            if EPI == EPI_QUANT or EPI == EPI_GATED:
                 cuda.threadfence()       # this lane's values, visible to the last block
-        if EPI != EPI_STORE:
+        if EPI == EPI_QUANT or EPI == EPI_GATED:
             last = cuda.shared.array(1, np.int32)
             g = cuda.blockIdx.x // GROUP
             cuda.syncthreads()
@@ -748,7 +798,29 @@ def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
     return d
 
 
-def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None):
+def qmatmul_rope(out, m: DeviceMatrix, act, stream, col, bias, pos, table, k_cache, v_cache, n_rot, n_q, hd,
+                 neox):
+    """Decoding, m = rows col.. of the Q/K/V projection (columns [q | k | v], the first n_rot
+    rotated, the first n_q queries): q . W rotated by RoPE at position pos[0] (table: cos, sin
+    [n_ctx, hd / 2]) into out[0], k rotated and v into the f16 caches' row pos[0] (ops.rope_kv's
+    work, for models without q/k norms that rotate whole heads)."""
+    bias = act.empty if bias is None else bias
+    _decode(EPI_ROPE, out, m, act, stream, bias, False, col, m.rows, 0, 0, act.empty, act,
+            rope=(pos, *table, k_cache, v_cache, n_rot, n_q, hd, bool(neox)))
+
+
+_NO_ROPE: list = []
+
+
+def _no_rope():
+    """Placeholder RoPE arguments for the other epilogues (typed as the real ones), made once."""
+    if not _NO_ROPE:
+        f32, f16 = cuda.device_array((1, 1), np.float32), cuda.device_array((1, 1), np.float16)
+        _NO_ROPE.append((cuda.device_array(1, np.int32), f32, f32, f16, f16, 0, 0, 2, False))
+    return _NO_ROPE[0]
+
+
+def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None):
     """The decode kernel for n_out output rows (gated: n_out = half)."""
     plan = _plan(m.K // 32, n_out, epi)
     _, KS, RW = plan
@@ -756,7 +828,8 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     launch(_kernel(m.qtype, 0, epi=epi, plan=plan), (n_out + per_block - 1) // per_block, 32 * WARPS * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
-        dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count)
+        dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count,
+        *(rope or _no_rope()))
 
 
 # ---------------------------------------------------------------------------------------------
