@@ -76,16 +76,21 @@ class DeviceWeights:
 
 
 def _fused(tensors, K) -> list[tuple[DeviceMatrix, int]]:
-    """Upload matrices that share one input: row-concatenated into one when they share a type."""
+    """Upload matrices that share one input: neighbours of one type row-concatenated into one
+    (Q/K/V: one matrix, or [q | k] and v where v has a type of its own, as in Q4_K_M files)."""
     for t in tensors:
         if t.qtype not in SUPPORTED:
             raise NumbaAprError(f"tensor {t.name} of type {t.type_name} has no CUDA kernel")
-    if len({t.qtype for t in tensors}) == 1:
-        return [(upload(concat([t.raw for t in tensors]), tensors[0].qtype, K), 0)]
-    out, col = [], 0
+    runs = []
     for t in tensors:
-        out.append((upload(t.raw, t.qtype, K), col))
-        col += t.raw.shape[0]
+        if runs and runs[-1][-1].qtype == t.qtype:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    out, col = [], 0
+    for run in runs:
+        out.append((upload(concat([t.raw for t in run]), run[0].qtype, K), col))
+        col += sum(t.raw.shape[0] for t in run)
     return out
 
 
@@ -170,8 +175,8 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         if a is None:
             a = quantize_act(qa, x, T, stream, MODE_NORM, L.attn_norm, eps)
         if fuse and L.q_norm is None and c.rope_dim == c.head_dim:
-            for m, col in L.qkv:     # the product rotates q and k and fills the cache itself
-                qmatmul_rope(s.qkv, m, a, stream, col, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],
+            for i in range(0, len(L.qkv), 2):   # the product rotates q, k and fills the cache itself
+                qmatmul_rope(s.qkv, L.qkv[i:i + 2], a, stream, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],
                              s.v_layer[l], nq + nk, nq, c.head_dim, c.rope_neox)
         else:
             _project(s.qkv, L.qkv, a, T, stream, L.bqkv)

@@ -150,11 +150,11 @@ def test_decode_plans(rng, monkeypatch, plan):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
-@pytest.mark.parametrize("neox", [True, False])
-def test_decode_rope_epilogue(rng, neox):
+@pytest.mark.parametrize("neox,together", [(True, True), (False, False)])
+def test_decode_rope_epilogue(rng, neox, together):
     """Decoding, the Q/K/V product that rotates q and k itself and writes the cache
     (qmatmul_rope) = the product, then ops.rope_kv; here with [q | k] and v as two matrices of
-    different types, and a bias."""
+    different types (in one launch, or one each), and a bias."""
     from types import SimpleNamespace
     K, n_head, n_kv, hd, n_ctx, p = 64, 2, 1, 32, 8, 5
     nq, nk = n_head * hd, n_kv * hd
@@ -173,10 +173,11 @@ def test_decode_rope_epilogue(rng, neox):
     for fused in (False, True):
         qkv = cuda.to_device(np.zeros((1, nq + 2 * nk), np.float32))
         kc, vc = cuda.to_device(noise), cuda.to_device(noise)
-        for m, col in dm:
-            if fused:
-                qm.qmatmul_rope(qkv, m, act, 0, col, bias, pos, table, kc, vc, nq + nk, nq, hd, neox)
-            else:
+        for i, (m, col) in enumerate(dm):
+            if fused and (i == 0 or not together):
+                qm.qmatmul_rope(qkv, dm if together else [(m, col)], act, 0, bias, pos, table, kc, vc,
+                                nq + nk, nq, hd, neox)
+            elif not fused:
                 qm.qmatmul(qkv, m, act, 1, 0, bias=bias, col=col)
         if not fused:
             ops.rope_kv(qkv, pos, 1, c, table, None, None, kc, vc, 0, act.empty)

@@ -479,12 +479,7 @@ def _rope_store(out, bias, va, vb, a, b, p, cos, sin, k_cache, v_cache, n_rot, n
         k_cache[p, b - n_q] = np.float16(x1)
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
-    NR = 2 if EPI == EPI_GATED else 1
-    NA = NR * RW                         # accumulators a lane
-    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
-    NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
-
+def _make_adder(unit, EPI, RW):
     @cuda_jit(device=True, inline=True)
     def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u, keep, xq, xd, xs):
         """acc += keep * unit u of the warp's rows r (and r1) (and, gated, of their up rows)."""
@@ -495,15 +490,34 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
             acc[RW] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u, xq, xd, xs)
             if RW == 2:
                 acc[RW + 1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r1 + half, u, xq, xd, xs)
+    return add_units
+
+
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
+    NR = 2 if EPI == EPI_GATED else 1
+    NA = NR * RW                         # accumulators a lane
+    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
+    NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
+    TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
+    add1 = _make_adder(unit, EPI, RW)
+    add2 = _make_adder(unit2, EPI, RW) if TWO else add1
 
     @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
-               pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox):
+               pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox,
+               w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2, nb1):
         lane = cuda.threadIdx.x & 31
         warp = cuda.threadIdx.x >> 5
         kw = warp % KS                   # this warp's share of its row's units
-        r = (cuda.blockIdx.x * WARPS + warp // KS) * RW
+        bx = cuda.blockIdx.x
+        second = False
+        if TWO and bx >= nb1:            # (block-uniform) the second matrix's rows, after the first's
+            second = True
+            bx -= nb1
+            col += rows
+            w, o_qh, o_sc, s_qs, s_qh, s_sc, rows = w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2
+        r = (bx * WARPS + warp // KS) * RW
         r1 = r + 1
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
@@ -513,14 +527,19 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
             acc[j] = 0.0
         one = np.float32(1.0)
         for u0 in range(lane + 32 * kw, n_units, 32 * KS * UNROLL):
-            add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
+            if TWO and second:
+                add2(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
+            else:
+                add1(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
             if UNROLL == 2:
                 # a second unit a lane in the same trip (written out: a loop over the two stays
                 # a loop in the PTX, one load in flight), weighted 0 past the row's end
-                u1 = u0 + 32 * KS
-                keep = one if u1 < n_units else np.float32(0.0)
-                add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(u1, n_units - 1), keep,
-                          xq, xd, xs)
+                u1 = min(u0 + 32 * KS, n_units - 1)
+                keep = one if u0 + 32 * KS < n_units else np.float32(0.0)
+                if TWO and second:
+                    add2(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1, keep, xq, xd, xs)
+                else:
+                    add1(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1, keep, xq, xd, xs)
         scale = np.float32(1.0)
         if ss_in.shape[0] > 0:
             s = np.float32(0.0)
@@ -542,7 +561,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW):
                     t += part[warp - kw + i, j]
                 acc[j] = t
         if EPI == EPI_ROPE:
-            if lane == 0 and kw == 0 and (cuda.blockIdx.x * WARPS + warp // KS) * 2 < rows:
+            if lane == 0 and kw == 0 and (bx * WARPS + warp // KS) * 2 < rows:
                 _rope_store(out, bias, acc[0], acc[1], r + col, r1 + col, pos[0], cos, sin, k_cache, v_cache,
                             n_rot, n_q, hd, neox)
         elif lane == 0 and kw == 0:
@@ -739,15 +758,17 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None):
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
-    or the decode kernel with epilogue `epi` and `plan` (see _plan)."""
-    k = _KERNELS.get((qtype, NT, tc, epi, plan))
+    or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type)."""
+    key = (qtype, NT, tc, epi, plan, qtype2)
+    k = _KERNELS.get(key)
     if k is None:
         unit = UNITS[qtype]
-        k = _KERNELS[(qtype, NT, tc, epi, plan)] = (
+        k = _KERNELS[key] = (
             _make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
-            else _make_decode_kernel(unit, epi, *plan) if epi is not None else _make_kernel(unit, NT))
+            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2])
+            if epi is not None else _make_kernel(unit, NT))
     return k
 
 
@@ -798,15 +819,26 @@ def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
     return d
 
 
-def qmatmul_rope(out, m: DeviceMatrix, act, stream, col, bias, pos, table, k_cache, v_cache, n_rot, n_q, hd,
-                 neox):
-    """Decoding, m = rows col.. of the Q/K/V projection (columns [q | k | v], the first n_rot
-    rotated, the first n_q queries): q . W rotated by RoPE at position pos[0] (table: cos, sin
-    [n_ctx, hd / 2]) into out[0], k rotated and v into the f16 caches' row pos[0] (ops.rope_kv's
-    work, for models without q/k norms that rotate whole heads)."""
+def qmatmul_rope(out, mats, act, stream, bias, pos, table, k_cache, v_cache, n_rot, n_q, hd, neox):
+    """Decoding, mats = one or two (matrix, first column) of the Q/K/V projection, the second's
+    rows right after the first's (columns [q | k | v], the first n_rot rotated, the first n_q
+    queries): q . W rotated by RoPE at position pos[0] (table: cos, sin [n_ctx, hd / 2]) into
+    out[0], k rotated and v into the f16 caches' row pos[0] (ops.rope_kv's work, for models
+    without q/k norms that rotate whole heads), in one launch."""
     bias = act.empty if bias is None else bias
-    _decode(EPI_ROPE, out, m, act, stream, bias, False, col, m.rows, 0, 0, act.empty, act,
-            rope=(pos, *table, k_cache, v_cache, n_rot, n_q, hd, bool(neox)))
+    (m, col), second = mats[0], mats[1:]
+    rope = (pos, *table, k_cache, v_cache, n_rot, n_q, hd, bool(neox))
+    nb1 = -(-m.rows // (2 * WARPS))
+    if second:
+        m2, col2 = second[0]
+        assert col2 == col + m.rows and m2.K == m.K
+        rope += (m2.w, m2.o_qh, m2.o_sc, m2.s_qs, m2.s_qh, m2.s_sc, m2.rows, nb1)
+        n_out, qtype2 = 2 * WARPS * nb1 + m2.rows, m2.qtype
+    else:
+        rope += _no_rope()[9:]
+        n_out, qtype2 = m.rows, None
+    _decode(EPI_ROPE, out, m, act, stream, bias, False, col, n_out, 0, 0, act.empty, act, rope=rope,
+            qtype2=qtype2)
 
 
 _NO_ROPE: list = []
@@ -816,16 +848,19 @@ def _no_rope():
     """Placeholder RoPE arguments for the other epilogues (typed as the real ones), made once."""
     if not _NO_ROPE:
         f32, f16 = cuda.device_array((1, 1), np.float32), cuda.device_array((1, 1), np.float16)
-        _NO_ROPE.append((cuda.device_array(1, np.int32), f32, f32, f16, f16, 0, 0, 2, False))
+        _NO_ROPE.append((cuda.device_array(1, np.int32), f32, f32, f16, f16, 0, 0, 2, False,
+                         cuda.device_array(4, np.uint32), 0, 0, 0, 0, 0, 0, 0))
     return _NO_ROPE[0]
 
 
-def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None):
+def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None,
+            qtype2=None):
     """The decode kernel for n_out output rows (gated: n_out = half)."""
     plan = _plan(m.K // 32, n_out, epi)
     _, KS, RW = plan
     per_block = WARPS * RW
-    launch(_kernel(m.qtype, 0, epi=epi, plan=plan), (n_out + per_block - 1) // per_block, 32 * WARPS * KS, stream,
+    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2), (n_out + per_block - 1) // per_block,
+           32 * WARPS * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count,
