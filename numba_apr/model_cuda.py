@@ -3,7 +3,7 @@ and the KV cache, allocated once), `forward` (the same steps as model.py's, thro
 kernels of kernels/cuda/) and `CudaRunner`, which runs prompts eagerly and replays each decode
 step from one CUDA graph.
 
-A decode step is ~8 launches a layer; launched from Python each costs ~20 us, which alone
+A decode step is ~6 launches a layer; launched from Python each costs ~20 us, which alone
 would cap a 24-layer model near 200 tok/s. So the step (embedding of the last sampled token,
 every layer, the output head, the sampler and the position increment) is captured once into a
 CUDA graph and replayed: the token id and the position live in device memory, and the only

@@ -22,9 +22,11 @@ weights, scales and activations are. Kernel factories build the product for each
 batches: each weight is read once per NT tokens).
 
 Launch: one warp per output row, 4 warps a block, lanes strided over the row's units; the 32
-partial sums meet in a butterfly (`ptx.warp_sum`). Epilogue: + bias, and either store or add
-into the output (the residual stream), selected by an argument; decoding, also the next
-product's q8 input (`qmatmul_quant`, `qmatmul_gated`: see `_make_decode_kernel`).
+partial sums meet in a butterfly (`ptx.warp_sum`). Decoding, a plan per shape (`_plan`) may
+split a long row over 2-4 warps or give a warp two short rows. Epilogue: + bias, and either
+store or add into the output (the residual stream), selected by an argument; decoding, also the
+next product's q8 input (`qmatmul_quant`, `qmatmul_gated`), or RoPE and the KV-cache write
+(`qmatmul_rope`): see `_make_decode_kernel`.
 
 Prompts (T >= MMA_MIN_T) go to the int8 tensor cores instead (`_make_mma_kernel`, inline
 `mma.sync` from ptx.py): a block decodes a 64-row x 128-column weight tile through the same
