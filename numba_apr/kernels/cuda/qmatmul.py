@@ -400,10 +400,11 @@ def _make_kernel(unit, NT):
 # Decoding (T = 1). A block takes 4 * RW rows: each row is taken by KS warps (1, 2 or 4: rows of
 # 64+ units are split over KS warps, which add their sums in shared memory; the block has 4 * KS
 # warps), and a warp takes RW rows (EPI_GATED: RW gate rows and their up rows); each lane one or
-# two units (UNROLL) of each row in flight per trip. The plan (`_plan`) aims at one short dependent chain a warp: a DRAM load
-# takes ~0.6 us, and a warp that walks its units in several trips waits for each (measured on an
-# H100, chained graph replay: a 896 x 4864 Q6_K product 7.2 us with a warp a row, 3 trips; a
-# gate/up of 9728 x 896 rows 7.3 us as 1,216 blocks, more than fit at once). Many small blocks,
+# two units (UNROLL) of each row in flight per trip. The plan (`_plan`) aims at one short
+# dependent chain a warp: a DRAM load takes ~0.6 us, and a warp that walks its units in several
+# trips waits for each (measured on an H100, chained graph replay: a 896 x 4864 Q6_K product
+# 7.2 us with a warp a row, 3 trips; a gate/up of 9728 x 896 rows 7.3 us as 1,216 blocks, more
+# than fit at once; 5.7 and 6.0 us with the plans). Many small blocks,
 # so that even a 896-row product spreads over all multiprocessors (blocks of 32 rows, measured
 # 7.1 us against 4.4 for a 896 x 896 product: 28 blocks leave 104 of 132 multiprocessors idle).
 # (The split warps stay in the block of their row, rather than a block taking 4 / KS rows: that
@@ -830,29 +831,30 @@ def qmatmul_rope(out, mats, act, stream, bias, pos, table, k_cache, v_cache, n_r
     bias = act.empty if bias is None else bias
     (m, col), second = mats[0], mats[1:]
     rope = (pos, *table, k_cache, v_cache, n_rot, n_q, hd, bool(neox))
-    nb1 = -(-m.rows // (2 * WARPS))
+    nb1 = -(-m.rows // (2 * WARPS))          # blocks of the first matrix (a pair a warp)
     if second:
         m2, col2 = second[0]
         assert col2 == col + m.rows and m2.K == m.K
         rope += (m2.w, m2.o_qh, m2.o_sc, m2.s_qs, m2.s_qh, m2.s_sc, m2.rows, nb1)
         n_out, qtype2 = 2 * WARPS * nb1 + m2.rows, m2.qtype
     else:
-        rope += _no_rope()[9:]
+        rope += _placeholders()[1]
         n_out, qtype2 = m.rows, None
     _decode(EPI_ROPE, out, m, act, stream, bias, False, col, n_out, 0, 0, act.empty, act, rope=rope,
             qtype2=qtype2)
 
 
-_NO_ROPE: list = []
+_PLACEHOLDERS: list = []
 
 
-def _no_rope():
-    """Placeholder RoPE arguments for the other epilogues (typed as the real ones), made once."""
-    if not _NO_ROPE:
+def _placeholders():
+    """Arguments for the kernel parameters an epilogue does not use, typed as the real ones and
+    made once: (RoPE's: pos .. neox; a second matrix's: w2 .. nb1)."""
+    if not _PLACEHOLDERS:
         f32, f16 = cuda.device_array((1, 1), np.float32), cuda.device_array((1, 1), np.float16)
-        _NO_ROPE.append((cuda.device_array(1, np.int32), f32, f32, f16, f16, 0, 0, 2, False,
-                         cuda.device_array(4, np.uint32), 0, 0, 0, 0, 0, 0, 0))
-    return _NO_ROPE[0]
+        _PLACEHOLDERS.append(((cuda.device_array(1, np.int32), f32, f32, f16, f16, 0, 0, 2, False),
+                              (cuda.device_array(4, np.uint32), 0, 0, 0, 0, 0, 0, 0)))
+    return _PLACEHOLDERS[0]
 
 
 def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None,
@@ -866,7 +868,7 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count,
-        *(rope or _no_rope()))
+        *(rope or _placeholders()[0] + _placeholders()[1]))
 
 
 # ---------------------------------------------------------------------------------------------
