@@ -42,7 +42,10 @@ CUDA_OPTIONS = dict(cache=True, fastmath=True)
 
 
 def cuda_jit(fn=None, **extra):
-    """numba.cuda kernel (or, with device=True, device function) with the package's options."""
-    from numba import cuda
+    """numba.cuda kernel (or, with device=True, device function) with the package's options
+    (`max_registers` a GPU-only one: the simulator's jit does not take it)."""
+    from numba import config, cuda
     opts = {**CUDA_OPTIONS, **extra}
+    if config.ENABLE_CUDASIM:
+        opts.pop("max_registers", None)
     return cuda.jit(**opts)(fn) if fn is not None else cuda.jit(**opts)

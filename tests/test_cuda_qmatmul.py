@@ -237,6 +237,22 @@ def test_prompt_product_tensor_cores(rng, name):
     check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
 
 
+def test_prompt_product_gpu_tiles(rng):
+    """The GPU's tile configuration (the simulator's qmatmul uses smaller blocks): one partial
+    block of 8 x 2 warps, K over a full and a partial step."""
+    name, K, N, T = "Q4_0", qm.MMA_K + 32, 20, 20
+    raw = case(rng, name, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    m = qm.upload(raw, Q[name], K)
+    act = ops.ActBuffers.allocate(T, K)
+    ops.quantize_act(act, cuda.to_device(x), T, 0)
+    out = cuda.to_device(np.zeros((T, N), np.float32))
+    k = qm._make_mma_kernel(qm.UNITS[Q[name]], True, WR=8, WT=2)
+    k[(1, 1), 512, 0](out, 0, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, N, K // 32, act.xq, act.xd, act.xs, T,
+                      act.empty, False)
+    check(out.copy_to_host(), qm.qmatmul_ref(raw, Q[name], K, x), K)
+
+
 def test_quantize_act_matches_reference(rng):
     T, K = 2, 64
     x = rng.standard_normal((T, K)).astype(np.float32)
@@ -251,9 +267,12 @@ def test_quantize_act_matches_reference(rng):
 
 
 @pytest.mark.parametrize("mode", [ops.MODE_NORM, ops.MODE_SILU, ops.MODE_GELU])
-def test_fused_norm_and_gated_activation(rng, mode):
+def test_fused_norm_and_gated_activation(rng, mode, monkeypatch):
+    """Each CUDA block walks three groups of the row's q8 blocks (the last partial), as long
+    prompts do."""
     from numba_apr.kernels.cpu.ops import gated_act_ref
-    T, K = 2, 64
+    monkeypatch.setattr(ops, "PROMPT_BLOCKS", 2)
+    T, K = 2, 64 * ops.QB + 64
     x = rng.standard_normal((T, K)).astype(np.float32)
     y = rng.standard_normal((T, K)).astype(np.float32)
     w = rng.standard_normal(K).astype(np.float32)
@@ -265,7 +284,11 @@ def test_fused_norm_and_gated_activation(rng, mode):
         want = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w
     else:
         want = gated_act_ref(x, y, mode == ops.MODE_GELU)
-    np.testing.assert_allclose(act.xf.copy_to_host(), want, rtol=2e-5, atol=2e-6)
+    xf = act.xf.copy_to_host()
+    np.testing.assert_allclose(xf, want, rtol=2e-5, atol=2e-6)
+    q, d = qm.quantize_act_ref(xf)
+    assert np.array_equal(act.xq.copy_to_host().view(np.int8).reshape(T, K), q)
+    np.testing.assert_allclose(act.xd.copy_to_host(), d, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0", "Q5_1", "F16"])

@@ -92,7 +92,9 @@ def _block_sum(v, buf):
     return s
 
 
-QB = 8  # 32-value quantization blocks a CUDA block takes: one a warp
+QB = 8  # 32-value quantization blocks a CUDA block takes at once: one a warp
+PROMPT_BLOCKS = 2048   # CUDA blocks a prompt's quantize_act aims at (7B pp512: 159 -> 93 us a
+                       # call, where each of a token's K / 256 blocks summed the norm's squares)
 
 
 @cuda_jit
@@ -101,9 +103,10 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
     # warp butterflies. (The first version gave each thread a whole block and one CUDA block a
     # token: ~10 us a launch at decode, four launches a layer.) For the norm, every CUDA block
     # sums the row's squares itself (K floats from L2): cheaper than another launch.
+    # A CUDA block walks the row's blocks in strides of the grid (prompts: a few CUDA blocks a
+    # token, so the norm's sum is not redone by every one of K / 32 / QB blocks).
     t = cuda.blockIdx.y
     lane = cuda.threadIdx.x & 31
-    b = cuda.blockIdx.x * QB + (cuda.threadIdx.x >> 5)
     nb = K // 32
     buf = cuda.shared.array(32, np.float32)
     scale = np.float32(1.0)
@@ -113,22 +116,27 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
             ss += src[t, i] * src[t, i]
         ss = _block_sum(ss, buf)
         scale = np.float32(1.0) / math.sqrt(ss / np.float32(K) + eps)
-    i = 32 * min(b, nb - 1) + lane   # warps past the last block redo it and store nothing
-    v = src[t, i]
-    if mode == MODE_NORM:
-        v = v * scale * w[i]
-    elif mode != MODE_COPY:
-        v = gated(v, src2[t, i], mode)
-    if b < nb:
-        xf[t, i] = v
-    quant32(v, b < nb, xq8, xd, xs, t, b)
+    for b0 in range(cuda.blockIdx.x * QB, nb, cuda.gridDim.x * QB):   # (block-uniform trips)
+        b = b0 + (cuda.threadIdx.x >> 5)
+        i = 32 * min(b, nb - 1) + lane   # warps past the last block redo it and store nothing
+        v = src[t, i]
+        if mode == MODE_NORM:
+            v = v * scale * w[i]
+        elif mode != MODE_COPY:
+            v = gated(v, src2[t, i], mode)
+        if b < nb:
+            xf[t, i] = v
+        quant32(v, b < nb, xq8, xd, xs, t, b)
 
 
 def quantize_act(act: ActBuffers, src, T: int, stream, mode=MODE_COPY, w=None, eps=0.0, src2=None):
     """act <- src[:T] (K = src.shape[1] columns), transformed by `mode`, as float and as q8."""
     K = src.shape[1]
     a = act.cols(K)
-    launch(_quantize_act, ((K // 32 + QB - 1) // QB, T), 32 * QB, stream,
+    nx = (K // 32 + QB - 1) // QB
+    if T > 1:   # prompts: enough CUDA blocks in all, each with several of the row's blocks
+        nx = max(1, min(nx, PROMPT_BLOCKS // T))
+    launch(_quantize_act, (nx, T), 32 * QB, stream,
         src, src if src2 is None else src2, act.empty if w is None else w, np.float32(eps), mode,
         a.xf, a.xq8, a.xd, a.xs, K)
     return a

@@ -611,128 +611,224 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
 # MMA_ROWS weight rows x MMA_TOK tokens, walking K in steps of MMA_K. Each step, its threads decode
 # the weight tile through the same units as above (each 16-value half of a unit is one k16 slice
 # of the tile, with its own d and m) into shared memory as int8, next to the q8 activation tile,
-# then each warp runs 16 rows x MMA_TOK tokens as (MMA_K / 16) x (MMA_TOK / 8) mma instructions.
-# The int32 result of one k16 slice is scaled at once: acc += xd * (d * dot + m * sum(xq)); where
-# the two k16 slices of each 32 values share d and m (every type but Q6_K, whose scales are per
-# 16), they go through one m16n8k32 instruction and one scaling instead.
-MMA_ROWS = 64                # 4 warps x 16 rows
-MMA_TOK = 32                 # tokens a block: 4 column tiles of 8. Measured on an H100 (T=512):
-                             # 1.1-1.9x the speed of 64-token tiles (whose 32 accumulators a
-                             # lane went to the stack) on 0.5B-7B shapes, 16-28 TMAC/s;
-                             # K steps of 256 instead of 128 were slower again.
-MMA_K = 128                  # K a step: 4 units a row, 256 units a tile, two a thread
+# then each warp runs 16 rows x 32 tokens as (MMA_K / 16) x 4 mma instructions. The int32 result
+# of one k16 slice is scaled at once: acc += xd * (d * dot + m * sum(xq)); where the two k16
+# slices of each 32 values share d and m (every type but Q6_K, whose scales are per 16), they go
+# through one m16n8k32 instruction and one scaling instead.
+#
+# Measured on an H100 (T = 512, 7B shapes; .dev probes): the first version (64 x 32 tiles of 4
+# warps, a sync between loading and multiplying) ran at 13-20 TMAC/s, and a multiply-only run
+# showed the loads to be 60% of it: three loops of loads, each waiting a memory round trip.
+# Loads written as straight-line code (one round trip a step): 1.35x. 128 x 64 tiles of 16 warps
+# (weights decoded once for 64 tokens): 1.3x. The step's mma written out (constant shared
+# addresses, the slices' instructions interleaved) and the next step's loads in flight during
+# the multiply, into a second buffer: 1.1-1.2x. Together 26-40 TMAC/s.
+MMA_WR, MMA_WT = (2, 1) if ptx.SIM else (8, 2)   # warps a block along rows x along tokens
+#   (the simulator runs a thread at a time in Python: small blocks there, CI's tests being tiny;
+#   test_prompt_product_tensor_cores also runs the GPU's configuration once)
+MMA_NTILE = 4                # column tiles of 8 tokens a warp: 16 accumulators a lane (8 went
+                             # to the stack: numba's loops over them were not unrolled)
+MMA_ROWS = 16 * MMA_WR       # rows a block
+MMA_TOK = 8 * MMA_NTILE * MMA_WT   # tokens a block
+MMA_K = 128                  # K a step: 4 units a row (K steps of 256 measured slower)
+MMA_MAXREG = 128             # 512 threads: one block fills the register file
 MMA_MIN_T = 16               # from this many tokens up, products go to the tensor cores
 
 
 @cuda_jit(device=True)
-def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, ta, kx, ks):
+def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
     """acc[i..i+4] += the int32 mma result of rows (A, B) x tokens (ta, ta+1), scaled:
-    xd * (d * dot + m * sum(xq)), with xd * sum(xq) staged in sS."""
-    xa, xb = sX[ta, kx], sX[ta + 1, kx]
-    sa, sb = sS[ta, ks], sS[ta + 1, ks]
-    acc[i] += xa * dA * np.float32(c0) + mA * sa
-    acc[i + 1] += xb * dA * np.float32(c1) + mA * sb
-    acc[i + 2] += xa * dB * np.float32(c2) + mB * sa
-    acc[i + 3] += xb * dB * np.float32(c3) + mB * sb
+    xd * (d * dot + m * sum(xq)), with xd * sum(xq) staged in sS (buffer p)."""
+    xa, xb = sX[p, ta, kx], sX[p, ta + 1, kx]
+    sa, sb = sS[p, ta, ks], sS[p, ta + 1, ks]
+    acc[i] += mA * sa                     # (two fma a value)
+    acc[i] += xa * dA * np.float32(c0)
+    acc[i + 1] += mA * sb
+    acc[i + 1] += xb * dA * np.float32(c1)
+    acc[i + 2] += mB * sa
+    acc[i + 2] += xa * dB * np.float32(c2)
+    acc[i + 3] += mB * sb
+    acc[i + 3] += xb * dB * np.float32(c3)
 
 
-def _make_mma_kernel(unit, NTILE, K32):
+def _make_mma_kernel(unit, K32, WR=MMA_WR, WT=MMA_WT, MAXREG=MMA_MAXREG):
+    """The tensor-core product: WR x WT warps, each 16 rows x 8 * NTILE tokens; a block's tile is
+    16 * WR rows x 8 * NTILE * WT tokens (grid: x over token tiles, y over row tiles, so the blocks
+    that share a weight tile run together and find it in L2)."""
     KSTEP = MMA_K
+    assert KSTEP == 128              # (`multiply` below is written out for it)
+    NTILE = MMA_NTILE
     NACC = 4 * NTILE                 # (sizes as closure constants: numba.cuda wants array
-    NTOK = 8 * NTILE                 #  shapes fixed at compile time, not expressions)
+    NTOK_W = 8 * NTILE               #  shapes fixed at compile time, not expressions)
+    NTOK = NTOK_W * WT
+    ROWS = 16 * WR
+    NTHR = 32 * WR * WT
     U = KSTEP // 32                  # units a row a step
     SW = KSTEP // 4 + 4              # words a row of a shared tile: +4 puts the 32 lanes'
                                      # fragment loads (row g, word 4kk + q) on 32 banks
     KS = KSTEP // 16                 # k16 slices a step
     K32S = KSTEP // 32
+    NA = ROWS * U                    # units a tile
+    NB = NTOK * (KSTEP // 4)         # activation words a tile
+    NSC = NTOK * KS
+    KW4 = KSTEP // 4                 # activation words a token a step
+    NAI = (NA + NTHR - 1) // NTHR    # units a thread a step
+    NBI = NB // NTHR                 # activation words a thread a step
+    NSI = NSC // NTHR                # activation scales a thread a step
 
-    @cuda_jit
+    @cuda_jit(device=True)
+    def fetch(ku, tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw,
+              bw, sx, ss, qa, fa, ea):
+        """Step ku's loads into registers, all issued before any is waited on: the activations
+        first (plain loads), then the weight units (each decodes once its loads are in)."""
+        for i in range(NBI):
+            idx = i * NTHR + tid
+            t = min(t0 + idx // KW4, T - 1)
+            k = ku * 8 + idx % KW4
+            v = xq[t, min(k, kw - 1)]
+            bw[i] = v if k < kw else 0
+        for i in range(NSI):
+            idx = i * NTHR + tid
+            t = min(t0 + idx // KS, T - 1)
+            j = idx % KS
+            b = ku + (j >> 1)
+            s = xd[t, min(b, n_units - 1)]
+            sx[i] = s if b < n_units else np.float32(0.0)
+            if K32:   # sS: xd * the sum of the quants of each 32, in the first K32S entries
+                b2 = ku + (j & (K32S - 1))
+                bc = min(b2, n_units - 1)
+                v2 = xd[t, bc] * np.float32(xs[t, 2 * bc] + xs[t, 2 * bc + 1])
+                ss[i] = v2 if b2 < n_units else np.float32(0.0)
+            else:     # of each k16 slice
+                ss[i] = sx[i] * np.float32(xs[t, min(2 * ku + j, 2 * n_units - 1)])
+        for i in range(NAI):
+            idx = min(i * NTHR + tid, NA - 1)
+            u = ku + idx % U
+            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
+                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + idx // U, rows - 1), min(u, n_units - 1))
+            ok = u < n_units   # (only types of 32-value blocks have a K that KSTEP does not divide)
+            qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
+            qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
+            fa[i, 0] = d0 if ok else np.float32(0.0)
+            fa[i, 1] = m0 if ok else np.float32(0.0)
+            fa[i, 2] = d1 if ok else np.float32(0.0)
+            fa[i, 3] = m1 if ok else np.float32(0.0)
+            ea[i, 0] = e0 - 32 * ku if ok else 32 * (u - ku)
+            ea[i, 1] = e1 - 32 * ku if ok else 32 * (u - ku) + 16
+
+    @cuda_jit(device=True)
+    def put(p, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS):
+        """The registers of fetch into shared buffer p."""
+        for i in range(NBI):
+            idx = i * NTHR + tid
+            sB[p, idx // KW4, idx % KW4] = bw[i]
+        for i in range(NSI):
+            idx = i * NTHR + tid
+            tk = idx // KS
+            j = idx % KS
+            if (j & 1) == 0:
+                sX[p, tk, j >> 1] = sx[i]
+            if not K32 or j < K32S:
+                sS[p, tk, j] = ss[i]
+        for i in range(NAI):
+            idx = i * NTHR + tid
+            if NA % NTHR == 0 or idx < NA:
+                rl = idx // U
+                j = ea[i, 0] >> 2
+                sA[p, rl, j], sA[p, rl, j + 1], sA[p, rl, j + 2], sA[p, rl, j + 3] = qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3]
+                j = ea[i, 1] >> 2
+                sA[p, rl, j], sA[p, rl, j + 1], sA[p, rl, j + 2], sA[p, rl, j + 3] = qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7]
+                sD[p, rl, ea[i, 0] >> 4], sM[p, rl, ea[i, 0] >> 4] = fa[i, 0], fa[i, 1]
+                sD[p, rl, ea[i, 1] >> 4], sM[p, rl, ea[i, 1] >> 4] = fa[i, 2], fa[i, 3]
+
+    @cuda_jit(device=True)
+    def k32(acc, p, kk, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """32 values of K: one k32 mma a column tile (every type but Q6_K: both k16 slices of
+        each 32 share d and m, so one scaling)."""
+        a0, a1 = sA[p, ra, 8 * kk + q], sA[p, ra + 8, 8 * kk + q]
+        a2, a3 = sA[p, ra, 8 * kk + 4 + q], sA[p, ra + 8, 8 * kk + 4 + q]
+        dA, mA, dB, mB = sD[p, ra, 2 * kk], sM[p, ra, 2 * kk], sD[p, ra + 8, 2 * kk], sM[p, ra + 8, 2 * kk]
+        for nt in range(NTILE):
+            tb = tw + 8 * nt
+            c0, c1, c2, c3 = ptx.mma_s8_k32(a0, a1, a2, a3, sB[p, tb + g, 8 * kk + q], sB[p, tb + g, 8 * kk + 4 + q])
+            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, tb + 2 * q, kk, kk)
+
+    @cuda_jit(device=True)
+    def k16(acc, p, kk, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """16 values of K: one k16 mma a column tile (Q6_K: scales per 16)."""
+        a0, a1 = sA[p, ra, 4 * kk + q], sA[p, ra + 8, 4 * kk + q]
+        dA, mA, dB, mB = sD[p, ra, kk], sM[p, ra, kk], sD[p, ra + 8, kk], sM[p, ra + 8, kk]
+        for nt in range(NTILE):
+            tb = tw + 8 * nt
+            c0, c1, c2, c3 = ptx.mma_s8(a0, a1, sB[p, tb + g, 4 * kk + q])
+            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, tb + 2 * q, kk >> 1, kk)
+
+    @cuda_jit(device=True)
+    def multiply(acc, p, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """The step's mma from shared buffer p, written out (KSTEP = 128) so that the
+        addresses are constants and the instructions of the slices interleave."""
+        if K32:
+            k32(acc, p, 0, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 1, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 2, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 3, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+        else:
+            k16(acc, p, 0, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 1, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 2, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 3, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 4, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 5, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 6, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 7, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+
+    @cuda_jit(max_registers=MAXREG)
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
         tid = cuda.threadIdx.x
         lane = tid & 31
         g = lane >> 2
         q = lane & 3
-        ra = (tid >> 5) * 16 + g            # this lane's A rows: ra and ra + 8
-        r0 = cuda.blockIdx.x * MMA_ROWS
-        t0 = cuda.blockIdx.y * NTOK
-        sA = cuda.shared.array((MMA_ROWS, SW), np.uint32)    # weight quants, int8
-        sD = cuda.shared.array((MMA_ROWS, KS), np.float32)   # their d per k16 slice
-        sM = cuda.shared.array((MMA_ROWS, KS), np.float32)   # and m
-        sB = cuda.shared.array((NTOK, SW), np.int32)         # activation quants, int8
-        sX = cuda.shared.array((NTOK, K32S), np.float32)     # their scale per 32
-        sS = cuda.shared.array((NTOK, KS), np.float32)       # scale * sum of the slice's quants
+        wi = tid >> 5
+        ra = (wi % WR) * 16 + g             # this lane's A rows: ra and ra + 8
+        tw = (wi // WR) * NTOK_W            # this warp's first token in the tile
+        r0 = cuda.blockIdx.y * ROWS
+        t0 = cuda.blockIdx.x * NTOK
+        sA = cuda.shared.array((2, ROWS, SW), np.uint32)     # weight quants, int8
+        sD = cuda.shared.array((2, ROWS, KS), np.float32)    # their d per k16 slice
+        sM = cuda.shared.array((2, ROWS, KS), np.float32)    # and m
+        sB = cuda.shared.array((2, NTOK, SW), np.int32)      # activation quants, int8
+        sX = cuda.shared.array((2, NTOK, K32S), np.float32)  # their scale per 32
+        sS = cuda.shared.array((2, NTOK, KS), np.float32)    # scale * sum of the slice's quants
         acc = cuda.local.array(NACC, np.float32)
         for i in range(NACC):
             acc[i] = 0.0
-        n_tiles = min(NTILE, (T - t0 + 7) >> 3)              # column tiles holding tokens
+        bw = cuda.local.array(NBI, np.int32)                 # a step's loads, in registers
+        sx = cuda.local.array(NSI, np.float32)
+        ss = cuda.local.array(NSI, np.float32)
+        qa = cuda.local.array((NAI, 8), np.uint32)
+        fa = cuda.local.array((NAI, 4), np.float32)
+        ea = cuda.local.array((NAI, 2), np.int64)
         kw = xq.shape[1]
+        # One step ahead: step s + 1's loads are in flight while step s multiplies from the
+        # other buffer (the last step fetches itself again: no branch in between). Every warp
+        # computes all its NTILE column tiles, those past T on copies of token T - 1: no branch
+        # between the mma either.
+        fetch(0, tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw, bw, sx, ss, qa, fa, ea)
+        put(0, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS)
+        cuda.syncthreads()
+        last = ((n_units - 1) // U) * U
+        p = 0
         for ku in range(0, n_units, U):
-            for i in range(MMA_ROWS * U // 128):
-                idx = i * 128 + tid
-                rl = idx // U
-                uu = idx % U
-                u = ku + uu
-                if u < n_units:
-                    l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
-                        w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl, rows - 1), u)
-                    e0 -= 32 * ku
-                    e1 -= 32 * ku
-                    j = e0 >> 2
-                    sA[rl, j], sA[rl, j + 1], sA[rl, j + 2], sA[rl, j + 3] = l0, l1, l2, l3
-                    j = e1 >> 2
-                    sA[rl, j], sA[rl, j + 1], sA[rl, j + 2], sA[rl, j + 3] = h0, h1, h2, h3
-                    sD[rl, e0 >> 4], sM[rl, e0 >> 4] = d0, m0
-                    sD[rl, e1 >> 4], sM[rl, e1 >> 4] = d1, m1
-                else:   # past K (only types of 32-value blocks have a K that KSTEP does not divide)
-                    sD[rl, 2 * uu], sM[rl, 2 * uu], sD[rl, 2 * uu + 1], sM[rl, 2 * uu + 1] = 0.0, 0.0, 0.0, 0.0
-            for i in range(NTOK * (KSTEP // 4) // 128):
-                idx = i * 128 + tid
-                tk = idx // (KSTEP // 4)
-                wd = idx % (KSTEP // 4)
-                t = min(t0 + tk, T - 1)
-                k = ku * 8 + wd
-                sB[tk, wd] = xq[t, k] if k < kw else 0
-            for i in range(NTOK * KS // 128):
-                idx = i * 128 + tid
-                tk = idx // KS
-                j = idx % KS
-                t = min(t0 + tk, T - 1)
-                b = ku + (j >> 1)
-                s = xd[t, b] if b < n_units else np.float32(0.0)
-                if (j & 1) == 0:
-                    sX[tk, j >> 1] = s
-                # sS: scale * sum of the quants of each k16 slice, or (K32) of each 32 in the
-                # first K32S entries
-                if K32:
-                    if j < K32S:
-                        b = ku + j
-                        sS[tk, j] = xd[t, b] * np.float32(xs[t, 2 * b] + xs[t, 2 * b + 1]) if b < n_units else np.float32(0.0)
-                else:
-                    sS[tk, j] = s * np.float32(xs[t, 2 * ku + j]) if b < n_units else np.float32(0.0)
+            fetch(min(ku + U, last), tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw,
+                  bw, sx, ss, qa, fa, ea)
+            multiply(acc, p, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            put(1 - p, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS)
             cuda.syncthreads()
-            if K32:   # both k16 slices of each 32 share d and m: one k32 mma, one scaling
-                for kk in range(K32S):
-                    a0, a1 = sA[ra, 8 * kk + q], sA[ra + 8, 8 * kk + q]
-                    a2, a3 = sA[ra, 8 * kk + 4 + q], sA[ra + 8, 8 * kk + 4 + q]
-                    dA, mA, dB, mB = sD[ra, 2 * kk], sM[ra, 2 * kk], sD[ra + 8, 2 * kk], sM[ra + 8, 2 * kk]
-                    for nt in range(NTILE):
-                        if nt < n_tiles:
-                            c0, c1, c2, c3 = ptx.mma_s8_k32(a0, a1, a2, a3, sB[8 * nt + g, 8 * kk + q],
-                                                            sB[8 * nt + g, 8 * kk + 4 + q])
-                            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, 8 * nt + 2 * q, kk, kk)
-            else:
-                for kk in range(KS):
-                    a0, a1 = sA[ra, 4 * kk + q], sA[ra + 8, 4 * kk + q]
-                    dA, mA, dB, mB = sD[ra, kk], sM[ra, kk], sD[ra + 8, kk], sM[ra + 8, kk]
-                    for nt in range(NTILE):
-                        if nt < n_tiles:
-                            c0, c1, c2, c3 = ptx.mma_s8(a0, a1, sB[8 * nt + g, 4 * kk + q])
-                            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, 8 * nt + 2 * q, kk >> 1, kk)
-            cuda.syncthreads()
+            p = 1 - p
         for nt in range(NTILE):
             for j in range(4):
                 r = r0 + ra + 8 * (j >> 1)
-                t = t0 + 8 * nt + 2 * q + (j & 1)
+                t = t0 + tw + 8 * nt + 2 * q + (j & 1)
                 if r < rows and t < T:
                     _store(out, bias, col + r, t, acc[4 * nt + j], accumulate_out)
     return kernel
@@ -769,7 +865,7 @@ def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=N
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
-            _make_mma_kernel(unit, NT // 8, qtype != Q.Q6_K) if tc
+            _make_mma_kernel(unit, qtype != Q.Q6_K) if tc
             else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2])
             if epi is not None else _make_kernel(unit, NT))
     return k
@@ -792,8 +888,8 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
         _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act)
         return
     if T >= MMA_MIN_T:
-        grid = ((m.rows + MMA_ROWS - 1) // MMA_ROWS, (T + MMA_TOK - 1) // MMA_TOK)
-        launch(_kernel(m.qtype, MMA_TOK, tc=True), grid, 128, stream,
+        grid = ((T + MMA_TOK - 1) // MMA_TOK, (m.rows + MMA_ROWS - 1) // MMA_ROWS)
+        launch(_kernel(m.qtype, 0, tc=True), grid, 32 * MMA_WR * MMA_WT, stream,
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
