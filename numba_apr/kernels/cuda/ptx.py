@@ -6,8 +6,6 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   the integer dot that every quantized product is built on (llama.cpp's mmvq does the same);
 * `ldg4(a, i)`: a[i], a[i+1], a[i+2], a[i+3] of a uint32 array in one 16-byte load through the
   read-only cache (`ld.global.nc.v4.u32`): how weights are streamed (i must be a multiple of 4);
-* `prefetch(a, i[, j])`: a hint that a[i] (a[i, j]) will be read soon: its line is brought into
-  L1 (`prefetch.global.L1`), without a register waiting for it;
 * `f16_bits(h)` / `f32_bits(u)`: the float32 value of f16 / f32 bit patterns (`cvt` / `mov`);
 * `warp_sum(v)` / `warp_max(v)`: a butterfly over the 32 lanes of a warp (`shfl.sync.bfly`);
   every lane gets the result;
@@ -75,9 +73,6 @@ if SIM:
 
     def ldg4(a, i):
         return int(a[i]), int(a[i + 1]), int(a[i + 2]), int(a[i + 3])
-
-    def prefetch(a, i, j=0):
-        pass
 
     def f16_bits(h):
         return np.float32(np.array([int(h) & 0xFFFF], np.uint16).view(np.float16)[0])
@@ -178,27 +173,6 @@ else:
             return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
 
         return sig, codegen
-
-    def _prefetch_codegen(context, builder, sig, args):
-        from numba.core import cgutils
-        aryty = sig.args[0]
-        arr = context.make_array(aryty)(context, builder, value=args[0])
-        inds = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, inds[:aryty.ndim])
-        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type]), "prefetch.global.L1 [$0];", "l",
-                           side_effect=True)
-        builder.call(asm, [ptr])
-        return context.get_dummy_value()
-
-    @intrinsic
-    def _prefetch(typingctx, a, i, j):
-        if not (isinstance(a, types.Array) and a.ndim in (1, 2)):
-            return None
-        return types.none(a, types.intp, types.intp), _prefetch_codegen
-
-    @cuda.jit(device=True, inline=True)
-    def prefetch(a, i, j=0):
-        _prefetch(a, i, j)
 
     @intrinsic
     def _f16_bits(typingctx, h):
