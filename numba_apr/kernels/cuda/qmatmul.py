@@ -620,10 +620,11 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
 # Measured on an H100 (T = 512, 7B shapes; .dev probes): the first version (64 x 32 tiles of 4
 # warps, a sync between loading and multiplying) ran at 13-20 TMAC/s, and a multiply-only run
 # showed the loads to be 60% of it: three loops of loads, each waiting a memory round trip.
-# Loads written as straight-line code (one round trip a step): 1.35x. 128 x 64 tiles of 16 warps
-# (weights decoded once for 64 tokens): 1.3x. The step's mma written out (constant shared
-# addresses, the slices' instructions interleaved) and the next step's loads in flight during
-# the multiply, into a second buffer: 1.1-1.2x. Together 26-40 TMAC/s.
+# Loads written as straight-line code (one round trip a step): 1.25-1.35x. 128 x 64 tiles of 16
+# warps (weights decoded once for 64 tokens): 1.3-1.5x. The step's mma written out (constant
+# shared addresses, the slices' instructions interleaved) and the next step's loads in flight
+# during the multiply, into a second buffer: 1.05x (gate/up) to 1.7x (Q6_K down). Together
+# ~2x: 26-40 TMAC/s. (An L1 prefetch of the next step instead gained nothing.)
 MMA_WR, MMA_WT = (2, 1) if ptx.SIM else (8, 2)   # warps a block along rows x along tokens
 #   (the simulator runs a thread at a time in Python: small blocks there, CI's tests being tiny;
 #   test_prompt_product_tensor_cores also runs the GPU's configuration once)
