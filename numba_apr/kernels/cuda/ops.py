@@ -95,7 +95,8 @@ def _block_sum(v, buf):
 QB = 8  # 32-value quantization blocks a CUDA block takes at once: one a warp
 PROMPT_BLOCKS = 2048   # CUDA blocks a prompt's quantize_act aims at (7B pp512, timed per call
                        # with a sync on each side: 159 -> 77-93 us, where each of a token's
-                       # K / 256 blocks summed the norm's squares; ~50 us of that is the host)
+                       # K / 256 blocks summed the norm's squares; the synced calls add up to
+                       # ~35 us a call more than the unsynced forward: launch and sync)
 
 
 @cuda_jit
