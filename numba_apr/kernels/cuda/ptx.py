@@ -6,6 +6,8 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   the integer dot that every quantized product is built on (llama.cpp's mmvq does the same);
 * `ldg4(a, i)`: a[i], a[i+1], a[i+2], a[i+3] of a uint32 array in one 16-byte load through the
   read-only cache (`ld.global.nc.v4.u32`): how weights are streamed (i must be a multiple of 4);
+  `ldg4_2d(a, i, j)` the same for a[i, j..j+3] of an int32 matrix whose rows are contiguous and
+  16-byte aligned (j a multiple of 4): how decode products read the q8 activations;
 * `f16_bits(h)` / `f32_bits(u)`: the float32 value of f16 / f32 bit patterns (`cvt` / `mov`);
 * `warp_sum(v)` / `warp_max(v)`: a butterfly over the 32 lanes of a warp (`shfl.sync.bfly`);
   every lane gets the result;
@@ -73,6 +75,9 @@ if SIM:
 
     def ldg4(a, i):
         return int(a[i]), int(a[i + 1]), int(a[i + 2]), int(a[i + 3])
+
+    def ldg4_2d(a, i, j):
+        return int(a[i, j]), int(a[i, j + 1]), int(a[i, j + 2]), int(a[i, j + 3])
 
     def f16_bits(h):
         return np.float32(np.array([int(h) & 0xFFFF], np.uint16).view(np.float16)[0])
@@ -169,6 +174,26 @@ else:
             st = ir.LiteralStructType([_i32] * 4)
             asm = ir.InlineAsm(ir.FunctionType(st, [ptr.type]),
                                "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
+            r = builder.call(asm, [ptr])
+            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
+
+        return sig, codegen
+
+    @intrinsic
+    def ldg4_2d(typingctx, a, i, j):
+        if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
+            return None
+        ret = types.UniTuple(types.int32, 4)
+        sig = ret(a, types.intp, types.intp)
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            inds = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:])]
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, inds)
+            st = ir.LiteralStructType([_i32] * 4)
+            asm = ir.InlineAsm(ir.FunctionType(st, [ptr.type]),
+                               "ld.global.nc.v4.s32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
             r = builder.call(asm, [ptr])
             return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
 
