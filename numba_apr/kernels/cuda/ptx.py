@@ -160,32 +160,8 @@ else:
     def dp4a(a, b, c):
         return _dp4a(np.int32(a), np.int32(b), np.int32(c))
 
-    @intrinsic
-    def ldg4(typingctx, a, i):
-        if not (isinstance(a, types.Array) and a.dtype == types.uint32 and a.ndim == 1):
-            return None
-        ret = types.UniTuple(types.uint32, 4)
-        sig = ret(a, types.intp)
-
-        def codegen(context, builder, sig, args):
-            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
-            idx = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = builder.gep(arr.data, [idx])
-            st = ir.LiteralStructType([_i32] * 4)
-            asm = ir.InlineAsm(ir.FunctionType(st, [ptr.type]),
-                               "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
-            r = builder.call(asm, [ptr])
-            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
-
-        return sig, codegen
-
-    @intrinsic
-    def ldg4_2d(typingctx, a, i, j):
-        if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
-            return None
-        ret = types.UniTuple(types.int32, 4)
-        sig = ret(a, types.intp, types.intp)
-
+    def _ldg4_codegen(kind):
+        """codegen of a 16-byte read-only load of the 4 elements from a[indices] on."""
         def codegen(context, builder, sig, args):
             from numba.core import cgutils
             arr = context.make_array(sig.args[0])(context, builder, value=args[0])
@@ -193,11 +169,22 @@ else:
             ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, inds)
             st = ir.LiteralStructType([_i32] * 4)
             asm = ir.InlineAsm(ir.FunctionType(st, [ptr.type]),
-                               "ld.global.nc.v4.s32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l")
+                               f"ld.global.nc.v4.{kind} {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l")
             r = builder.call(asm, [ptr])
-            return context.make_tuple(builder, ret, [builder.extract_value(r, j) for j in range(4)])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, j) for j in range(4)])
+        return codegen
 
-        return sig, codegen
+    @intrinsic
+    def ldg4(typingctx, a, i):
+        if not (isinstance(a, types.Array) and a.dtype == types.uint32 and a.ndim == 1):
+            return None
+        return types.UniTuple(types.uint32, 4)(a, types.intp), _ldg4_codegen("u32")
+
+    @intrinsic
+    def ldg4_2d(typingctx, a, i, j):
+        if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
+            return None
+        return types.UniTuple(types.int32, 4)(a, types.intp, types.intp), _ldg4_codegen("s32")
 
     @intrinsic
     def _f16_bits(typingctx, h):
