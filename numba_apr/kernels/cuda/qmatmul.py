@@ -33,7 +33,7 @@ Prompts (T >= MMA_MIN_T) go to the int8 tensor cores instead (`_make_mma_kernel`
 units into shared memory, next to the 64-token q8 activation tile, and each of its 16 warps
 multiplies 16 rows by 32 tokens, scaling each int32 result by its halves' d and m as above; the
 next step's loads are in flight while a step multiplies. Measured on an H100: 26-40 TMAC/s a
-product on 7B shapes (7B pp512 4.8k tok/s, 0.61x llama.cpp's).
+product on 7B shapes (7B pp512 4.8k tok/s, 0.59-0.61x llama.cpp's in two side-by-side runs).
 
 F32 / F16 / BF16 matrices use `_float_kernel` on the float activations (llama.cpp does not
 quantize activations for them either).
@@ -629,7 +629,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
 # ~2x: 26-40 TMAC/s. (An L1 prefetch of the next step instead gained nothing.)
 MMA_WR, MMA_WT = (2, 1) if ptx.SIM else (8, 2)   # warps a block along rows x along tokens
 #   (the simulator runs a thread at a time in Python: small blocks there, CI's tests being tiny;
-#   test_prompt_product_tensor_cores also runs the GPU's configuration once)
+#   test_prompt_product_gpu_tiles also runs the GPU's configuration once)
 MMA_NTILE = 4                # column tiles of 8 tokens a warp: 16 accumulators a lane (8 went
                              # to the stack: numba's loops over them were not unrolled)
 MMA_ROWS = 16 * MMA_WR       # rows a block
