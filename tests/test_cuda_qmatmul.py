@@ -228,7 +228,8 @@ def test_prompt_product_tensor_cores(rng, name):
     (the second partial), K over two steps (a partial one for the 32-value types), bias and
     residual add, into columns `col` onwards of a wider output."""
     K = 2 * qm.MMA_K if name.endswith("_K") else qm.MMA_K + 32
-    N, T = qm.MMA_ROWS + 6, qm.MMA_TOK + 4
+    WR, WT = qm.mma_tiles()
+    N, T = 16 * WR + 6, 8 * qm.MMA_NTILE * WT + 4
     raw = case(rng, name, N, K)
     x = rng.standard_normal((T, K)).astype(np.float32)
     res = rng.standard_normal((T, N)).astype(np.float32)

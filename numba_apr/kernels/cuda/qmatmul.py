@@ -611,13 +611,13 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
 
 
 # Prompts: the int8 tensor cores (ptx.mma_s8), as llama.cpp's mmq. A block computes a tile of
-# MMA_ROWS weight rows x MMA_TOK tokens, walking K in steps of MMA_K. Each step, its threads decode
-# the weight tile through the same units as above (each 16-value half of a unit is one k16 slice
-# of the tile, with its own d and m) into shared memory as int8, next to the q8 activation tile,
-# then each warp runs 16 rows x 32 tokens as (MMA_K / 16) x 4 mma instructions. The int32 result
-# of one k16 slice is scaled at once: acc += xd * (d * dot + m * sum(xq)); where the two k16
-# slices of each 32 values share d and m (every type but Q6_K, whose scales are per 16), they go
-# through one m16n8k32 instruction and one scaling instead.
+# 16 WR weight rows x 32 WT tokens (`mma_tiles`), walking K in steps of MMA_K. Each step, its
+# threads decode the weight tile through the same units as above (each 16-value half of a unit
+# is one k16 slice of the tile, with its own d and m) into shared memory as int8, next to the q8
+# activation tile, then each warp runs 16 rows x 32 tokens as (MMA_K / 16) x 4 mma
+# instructions. The int32 result of one k16 slice is scaled at once: acc += xd * (d * dot + m *
+# sum(xq)); where the two k16 slices of each 32 values share d and m (every type but Q6_K, whose
+# scales are per 16), they go through one m16n8k32 instruction and one scaling instead.
 #
 # Measured on an H100 (T = 512, 7B shapes; .dev probes): the first version (64 x 32 tiles of 4
 # warps, a sync between loading and multiplying) ran at 13-20 TMAC/s, and a multiply-only run
@@ -627,16 +627,25 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
 # shared addresses, the slices' instructions interleaved) and the next step's loads in flight
 # during the multiply, into a second buffer: 1.05x (gate/up) to 1.7x (Q6_K down). Together
 # ~2x: 26-40 TMAC/s. (An L1 prefetch of the next step instead gained nothing.)
-MMA_WR, MMA_WT = (2, 1) if ptx.SIM else (8, 2)   # warps a block along rows x along tokens
-#   (the simulator runs a thread at a time in Python: small blocks there, CI's tests being tiny;
-#   test_prompt_product_gpu_tiles also runs the GPU's configuration once)
 MMA_NTILE = 4                # column tiles of 8 tokens a warp: 16 accumulators a lane (8 went
                              # to the stack: numba's loops over them were not unrolled)
-MMA_ROWS = 16 * MMA_WR       # rows a block
-MMA_TOK = 8 * MMA_NTILE * MMA_WT   # tokens a block
 MMA_K = 128                  # K a step: 4 units a row (K steps of 256 measured slower)
-MMA_MAXREG = 128             # 512 threads: one block fills the register file
 MMA_MIN_T = 16               # from this many tokens up, products go to the tensor cores
+
+
+def mma_tiles() -> tuple[int, int]:
+    """(WR, WT): warps a prompt-product block has along rows x along tokens; its tile is 16 WR
+    rows x 8 MMA_NTILE WT tokens. 8 x 2 (76 KB of static shared memory, double-buffered) where
+    it was measured, compute capability 9.0 (H100); 4 x 1 (38 KB: within the 48 KB that every
+    GPU allows a block without opting in) on others; 2 x 1 on the simulator, which runs a
+    thread at a time in Python (test_prompt_product_gpu_tiles also runs 8 x 2 there once)."""
+    if not _MMA_TILES:
+        _MMA_TILES.append((2, 1) if ptx.SIM else (8, 2) if cuda.get_current_device().compute_capability >= (9, 0)
+                          else (4, 1))
+    return _MMA_TILES[0]
+
+
+_MMA_TILES: list = []
 
 
 @cuda_jit(device=True)
@@ -655,7 +664,7 @@ def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
     acc[i + 3] += xb * dB * np.float32(c3)
 
 
-def _make_mma_kernel(unit, K32, WR=MMA_WR, WT=MMA_WT, MAXREG=MMA_MAXREG):
+def _make_mma_kernel(unit, K32, WR, WT):
     """The tensor-core product: WR x WT warps, each 16 rows x 8 * NTILE tokens; a block's tile is
     16 * WR rows x 8 * NTILE * WT tokens (grid: x over token tiles, y over row tiles, so the blocks
     that share a weight tile run together and find it in L2)."""
@@ -786,7 +795,7 @@ def _make_mma_kernel(unit, K32, WR=MMA_WR, WT=MMA_WT, MAXREG=MMA_MAXREG):
             k16(acc, p, 6, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
             k16(acc, p, 7, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
 
-    @cuda_jit(max_registers=MAXREG)
+    @cuda_jit(max_registers=min(255, 65536 // NTHR))   # (8 x 2: one block fills the register file)
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
         tid = cuda.threadIdx.x
         lane = tid & 31
@@ -869,7 +878,7 @@ def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=N
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
-            _make_mma_kernel(unit, qtype != Q.Q6_K) if tc
+            _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
             else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2])
             if epi is not None else _make_kernel(unit, NT))
     return k
@@ -892,8 +901,9 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
         _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act)
         return
     if T >= MMA_MIN_T:
-        grid = ((T + MMA_TOK - 1) // MMA_TOK, (m.rows + MMA_ROWS - 1) // MMA_ROWS)
-        launch(_kernel(m.qtype, 0, tc=True), grid, 32 * MMA_WR * MMA_WT, stream,
+        WR, WT = mma_tiles()
+        grid = (-(-T // (8 * MMA_NTILE * WT)), -(-m.rows // (16 * WR)))
+        launch(_kernel(m.qtype, 0, tc=True), grid, 32 * WR * WT, stream,
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
