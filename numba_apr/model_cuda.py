@@ -259,7 +259,11 @@ class CudaRunner:
         self.graphs = {}            # (sampler key, short context) -> captured decode step
         self._host_tok = cuda.pinned_array(1, np.int32) if not ptx.SIM else np.zeros(1, np.int32)
         self._ahead = None          # (token, position) the device's inputs already hold
-
+        # Decode steps queued ahead (see decode_sample): position -> (pinned slot its token is
+        # copied to, event after the copy); two slots, used by even and odd positions.
+        self._slots = [cuda.pinned_array(1, np.int32) for _ in range(2)] if not ptx.SIM else None
+        self._events = [cuda.event(timing=False) for _ in range(2)] if not ptx.SIM else None
+        self._queued = None         # (token, position, sampler key) of a step queued, not yet read
 
     # -- eager evaluation (prompts, and logits for callers that want them on the host) --------
     def _set_inputs(self, ids: np.ndarray, pos0: int):
@@ -267,7 +271,7 @@ class CudaRunner:
         # are free to change at once (a pinned buffer would be read later, asynchronously).
         self.s.tokens[:len(ids)].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=self.stream)
         self.s.pos.copy_to_device(np.array([pos0], np.int32), stream=self.stream)
-        self._ahead = None
+        self._ahead = self._queued = None
 
     def eval(self, ids: np.ndarray, pos0: int, want_all: bool = False):
         """Evaluate ids (<= n_batch) at pos0..; logits stay on the device (s.logits / s.all_logits)."""
@@ -289,35 +293,67 @@ class CudaRunner:
         sampler.sample(self.s.logits[0], self.s.tokens[0:1], stream)
         _next_pos[1, 1, stream](self.s.pos)
 
+    def _replay(self, sampler, pos):
+        """Run the decode step at pos from its graph (two graphs a sampler: up to SHORT_CTX
+        positions, and past them: attention's plan), capturing it the first time: that step
+        runs eagerly (compiling any kernel not yet compiled), then the same launches are
+        recorded, not run, into the graph that later steps replay."""
+        short = pos < SHORT_CTX
+        g = self.graphs.get((id(sampler), short))
+        if g is not None:
+            g.launch(self.core_stream)
+            return
+        self._step(sampler, self.stream, short)
+        if not ptx.SIM:
+            gb = self.core_stream.create_graph_builder()
+            gb.begin_building()
+            self._step(sampler, gb, short)
+            self.graphs[(id(sampler), short)] = gb.end_building().complete()
+
+    def _queue(self, sampler, pos):
+        """Replay the step at pos, then copy its token to the host into pos's slot (async)."""
+        self._replay(sampler, pos)
+        self.s.tokens[0:1].copy_to_host(self._slots[pos & 1], stream=self.stream)
+        self._events[pos & 1].record(self.stream)
+
     def decode_sample(self, token: int, pos: int, sampler) -> int:
         """Feed `token` at `pos`, sample the next one on the device; returns its id.
 
         After a step the device already holds (sampled token, pos + 1), which is what the next
-        call passes when generating: then nothing is copied to the device at all."""
-        if self._ahead != (token, pos):
-            self._set_inputs(np.array([token], np.int32), pos)
-        # Two graphs a sampler: up to SHORT_CTX positions, and past them (attention's plan).
-        short = pos < SHORT_CTX
+        call passes when generating: then nothing is copied to the device at all. So before
+        waiting for this step's token, the step at pos + 1 is queued too, on the device's own
+        token: the GPU goes on while the host reads the token and comes back with it (~50 us a
+        step otherwise idle: the wait, the Python between two calls, the graph launch). If
+        the next call brings that (token, pos + 1), its step is already running; if not (the
+        caller stopped, or went elsewhere), the queued step's writes (its KV-cache row, the
+        position) are overwritten by whatever runs next at that position, as they would be."""
+        key = id(sampler)
         if not ptx.SIM and not sampler.graph_capturable:
-            forward(self.c, self.w, self.s, 1, self.stream, short=short)
+            if self._ahead != (token, pos):
+                self._set_inputs(np.array([token], np.int32), pos)
+            forward(self.c, self.w, self.s, 1, self.stream, short=pos < SHORT_CTX)
             self._ahead = None
             return sampler.sample(self.s.logits[0], self.s.tokens[0:1], self.stream)
-        g = self.graphs.get((id(sampler), short))
-        if g is not None:
-            g.launch(self.core_stream)
-        else:
-            # The first step runs eagerly (compiling any kernel not yet compiled), then the
-            # same launches are recorded, not run, into the graph the later steps replay.
-            self._step(sampler, self.stream, short)
-            if not ptx.SIM:
-                gb = self.core_stream.create_graph_builder()
-                gb.begin_building()
-                self._step(sampler, gb, short)
-                self.graphs[(id(sampler), short)] = gb.end_building().complete()
-        self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
-        self.stream.synchronize()
-        tok = int(self._host_tok[0])
-        self._ahead = (tok, pos + 1)
+        if ptx.SIM:   # no graphs, no queue: step, wait, read
+            if self._ahead != (token, pos):
+                self._set_inputs(np.array([token], np.int32), pos)
+            self._replay(sampler, pos)
+            self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
+            self.stream.synchronize()
+            tok = int(self._host_tok[0])
+            self._ahead = (tok, pos + 1)
+            return tok
+        if self._queued != (token, pos, key):
+            if self._ahead != (token, pos):
+                self._set_inputs(np.array([token], np.int32), pos)
+            self._queue(sampler, pos)
+        ahead = pos + 1 < self.s.n_ctx      # (the queued step writes the cache row pos + 1)
+        if ahead:
+            self._queue(sampler, pos + 1)
+        self._events[pos & 1].synchronize()
+        tok = int(self._slots[pos & 1][0])
+        self._queued = (tok, pos + 1, key) if ahead else None
+        self._ahead = None if ahead else (tok, pos + 1)
         return tok
 
 

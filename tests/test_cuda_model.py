@@ -108,7 +108,10 @@ def test_prompt_and_decode_match_cpu(rng, arch):
 
 def test_device_generation_step(rng):
     """decode_sample: forward + greedy sampling on the device + position increment; the token
-    it returns is the argmax of that step's logits, and the next step uses it from the device."""
+    it returns is the argmax of that step's logits, and the next step uses it from the device.
+    Each call also queues the following step on the device's token: a caller that feeds another
+    token (here at position 8) gets that token's step, and the last position of the context
+    (15) queues nothing past it."""
     from numba_apr.kernels.cuda.sampling import DeviceSampler
     from numba_apr.sampling import SamplingParams
     c = tiny_config("qwen2")
@@ -120,7 +123,9 @@ def test_device_generation_step(rng):
     r.eval(ids, 0)
     tok = int(np.argmax(r.logits_host(False, 1)[0]))
     seq = list(ids)
-    for p in range(len(ids), len(ids) + 2):
+    for p in range(len(ids), 16):
+        if p == 8:
+            tok = (tok + 1) % N_VOCAB
         nxt = r.decode_sample(tok, p, sampler)
         seq.append(tok)
         want = cpu_logits(c, w, seq)[-1]

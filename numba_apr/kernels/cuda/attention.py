@@ -53,7 +53,7 @@ from numba import cuda
 
 from ..._numba import cuda_jit
 from . import ptx
-from .launch import launch, view_once
+from .launch import launch, overlapped, view_once
 from .ptx import f16_bits, f32_bits, ldg4, warp_max, warp_sum
 from .q8 import quant32
 
@@ -164,8 +164,10 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     JB = 16 if NWV <= 2 else 8
     NVV = JB * NWV
 
+    @overlapped
     @cuda_jit
     def decode(dst, ml, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split):
+        ptx.grid_dep()
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -414,6 +416,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     return decode, prompt, WT
 
 
+@overlapped
 @cuda_jit
 def _combine(out, po, ml, pos, window, n_split, DV, quant, xq8, xd, xs):
     """out[t, h] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits that had keys,
@@ -421,6 +424,7 @@ def _combine(out, po, ml, pos, window, n_split, DV, quant, xq8, xd, xs):
 
     Grid (n_head, T, DV / 32): a block takes 32 dims of one head (lane = dim); its 4 warps take
     every 4th split, CU splits' loads in flight at a time, and meet in shared memory."""
+    ptx.grid_dep()
     lane = cuda.threadIdx.x & 31
     warp = cuda.threadIdx.x >> 5
     h = cuda.blockIdx.x

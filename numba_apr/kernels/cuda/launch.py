@@ -14,10 +14,18 @@ cuda.core's `launch` with that list. A site holds its arrays, so their identitie
 while cached. This leans on numba-cuda internals (`overloads`, `_prepare_args`, the cufunc's
 cuda.core kernel; checked with numba-cuda 0.30): where any of that is missing, a site falls back
 to numba's path for good. Under the simulator it is numba's path.
+
+Kernels marked `overlapped` are launched with programmatic dependent launch (PDL, compute
+capability 9.0 and up): such a kernel may be started while the one before it still runs, and
+waits at its top (`ptx.grid_dep`) until that one has finished. A decode step is ~150 dependent
+kernels of a few microseconds each, so the gap between one kernel's end and the next one's
+start is a large share of it (see model_cuda.py); with PDL the next kernel's blocks are already
+resident when the wait ends. NUMBA_APR_PDL=0 turns it off (to measure it).
 """
 from __future__ import annotations
 
 import ctypes
+import os
 
 from . import ptx
 
@@ -28,6 +36,14 @@ _VIEWS: dict = {}
 MAX_SITES = 4096      # a bound for test runs that make arrays by the thousand
 _ARRAYS: tuple = ()   # numba's device array types (set at the first launch)
 _core_launch = None
+PDL = os.environ.get("NUMBA_APR_PDL", "1") != "0"
+
+
+def overlapped(kernel):
+    """Mark a kernel that calls ptx.grid_dep() before its first memory access: it may be
+    launched before the kernel ahead of it has finished (see the module docstring)."""
+    kernel.numba_apr_overlapped = True
+    return kernel
 
 
 def launch(kernel, grid, block, stream, *args):
@@ -52,7 +68,8 @@ def launch(kernel, grid, block, stream, *args):
     params = list(template)
     for i, j, conv in scalars:
         params[i] = conv(args[j])
-    _core_launch(_core_stream(stream), _config(grid, block), fn, *params)
+    _core_launch(_core_stream(stream), _config(grid, block, getattr(kernel, "numba_apr_overlapped", False)),
+                 fn, *params)
 
 
 def _init():
@@ -105,11 +122,16 @@ def _converter(ty):
     return getattr(ctypes, f"c_{name}", None) if name[:3] in ("int", "uin") else None
 
 
-def _config(grid, block):
-    c = _CONFIGS.get((grid, block))
+def _config(grid, block, overlap):
+    key = (grid, block, overlap and PDL)
+    c = _CONFIGS.get(key)
     if c is None:
         from cuda.core import LaunchConfig
-        c = _CONFIGS[(grid, block)] = LaunchConfig(grid=grid, block=block)
+        try:
+            c = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=key[2])
+        except TypeError:   # a cuda.core without PDL: plain launches (grid_dep's wait returns at once)
+            c = LaunchConfig(grid=grid, block=block)
+        _CONFIGS[key] = c
     return c
 
 

@@ -23,7 +23,7 @@ from numba import cuda
 
 from ..._numba import cuda_jit
 from . import ptx
-from .launch import launch
+from .launch import launch, overlapped
 from .q8 import MODE_COPY, MODE_GELU, MODE_NORM, MODE_SILU, gated, quant32  # noqa: F401  (modes re-exported)
 from .qmatmul import FLOAT_TYPES, UNITS, DeviceMatrix
 
@@ -99,6 +99,7 @@ PROMPT_BLOCKS = 2048   # CUDA blocks a prompt's quantize_act aims at (7B pp512, 
                        # ~35 us a call more than the unsynced forward: launch and sync)
 
 
+@overlapped
 @cuda_jit
 def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
     # One warp per 32-value block, a lane per value: coalesced, and the absmax and the sums are
@@ -107,6 +108,7 @@ def _quantize_act(src, src2, w, eps, mode, xf, xq8, xd, xs, K):
     # sums the row's squares itself (K floats from L2): cheaper than another launch.
     # A CUDA block walks the row's blocks in strides of the grid (prompts: a few CUDA blocks a
     # token, so the norm's sum is not redone by every one of K / 32 / QB blocks).
+    ptx.grid_dep()
     t = cuda.blockIdx.y
     lane = cuda.threadIdx.x & 31
     nb = K // 32

@@ -16,7 +16,14 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   lane holds A's row g bytes 4q..4q+3 (a0) and row g+8's (a1), B's column g, rows 4q..4q+3 (b0),
   and gets D[g, 2q], D[g, 2q+1], D[g+8, 2q], D[g+8, 2q+1]: how prompts are multiplied;
   `mma_s8_k32(a0, a1, a2, a3, b0, b1)` the same over k = 32 (`m16n8k32`), a2 / a3 / b1 holding
-  k = 16 + 4q.. (the sum of two k16 products, in one instruction).
+  k = 16 + 4q.. (the sum of two k16 products, in one instruction);
+* `grid_dep()`: wait until the kernel launched before this one has finished and its writes are
+  visible, then let the kernel after this one launch (`griddepcontrol.wait` and
+  `.launch_dependents`: programmatic dependent launch, compute capability 9.0 and up; nothing on
+  older GPUs). See launch.py's `overlapped`: a kernel so marked calls it before it touches memory;
+* `prefetch_l2(a, i, n)`: ask for a[i : i + n] of a uint32 array to be brought into L2 (one
+  `cp.async.bulk.prefetch.L2`, whole 16-byte chunks inside the array; compute capability 9.0 and
+  up, nothing on older GPUs): what an overlapped kernel does with its weights before it waits.
 
 Under `NUMBA_ENABLE_CUDASIM=1` (CI has no GPU) the twins compute the same values in Python. The
 simulator has no warp shuffles, so its `warp_sum` goes through shared memory with block-wide
@@ -125,6 +132,14 @@ if SIM:
     def mma_s8_k32(a0, a1, a2, a3, b0, b1):
         lo, hi = mma_s8(a0, a1, b0), mma_s8(a2, a3, b1)
         return lo[0] + hi[0], lo[1] + hi[1], lo[2] + hi[2], lo[3] + hi[3]
+
+    @cuda.jit(device=True)
+    def grid_dep():
+        pass
+
+    @cuda.jit(device=True)
+    def prefetch_l2(a, i, n):
+        pass
 
     @cuda.jit(device=True)
     def warp_sum(v):
@@ -248,6 +263,49 @@ else:
     @cuda.jit(device=True, inline=True)
     def mma_s8_k32(a0, a1, a2, a3, b0, b1):
         return _mma_s8_k32(np.int32(a0), np.int32(a1), np.int32(a2), np.int32(a3), np.int32(b0), np.int32(b1))
+
+    @intrinsic
+    def _grid_dep(typingctx):
+        def codegen(context, builder, sig, args):
+            from numba.core import targetconfig   # the capability being compiled for
+            if targetconfig.ConfigStack().top().compute_capability >= (9, 0):
+                # a memory clobber: no load or store moves above the wait
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
+                                   "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;", "~{memory}",
+                                   side_effect=True)
+                builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def grid_dep():
+        _grid_dep()
+
+    @intrinsic
+    def _prefetch_l2(typingctx, a, i, nbytes):
+        if not (isinstance(a, types.Array) and a.dtype == types.uint32 and a.ndim == 1):
+            return None
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils, targetconfig
+            if targetconfig.ConfigStack().top().compute_capability >= (9, 0):
+                arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+                ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, [args[1]])
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type, _i32]),
+                                   "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", side_effect=True)
+                builder.call(asm, [ptr, builder.trunc(args[2], _i32)])
+            return context.get_dummy_value()
+
+        return types.void(a, types.intp, types.intp), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def prefetch_l2(a, i, n):
+        # whole 16-byte chunks (the instruction's unit): the array starts 16-byte aligned
+        lo = i & ~3
+        hi = min(i + n + 3, a.shape[0]) & ~3
+        if hi > lo:
+            _prefetch_l2(a, lo, 4 * (hi - lo))
 
     @cuda.jit(device=True, inline=True)
     def warp_sum(v):

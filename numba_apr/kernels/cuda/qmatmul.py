@@ -44,6 +44,7 @@ activations, so a test compares only summation order.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,7 @@ from numba import cuda
 from ..._numba import cuda_jit
 from ...errors import NumbaAprError
 from . import ptx
-from .launch import launch
+from .launch import launch, overlapped
 from .q8 import gated, quant32
 
 WARPS = 4            # rows (warps) per block
@@ -362,6 +363,15 @@ def _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
 
 
 @cuda_jit(device=True)
+def _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, r):
+    """Row r's quants, high bits and scales into L2 (three streams, see DeviceMatrix)."""
+    ptx.prefetch_l2(w, r * s_qs, s_qs)
+    if s_qh > 0:
+        ptx.prefetch_l2(w, o_qh + r * s_qh, s_qh)
+    ptx.prefetch_l2(w, o_sc + r * s_sc, s_sc)
+
+
+@cuda_jit(device=True)
 def _store(out, bias, c, t, v, accumulate):
     """The epilogue: out[t, c] = v (+ bias[c]), or += (the residual stream)."""
     if bias.shape[0] > 0:
@@ -453,14 +463,23 @@ def _rope_pair(j, n_rot, hd, neox):
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
 
 
-def _plan(n_units: int, rows: int, epi: int) -> tuple[int, int, int]:
-    """(UNROLL, KS, RW) of a decode product of `rows` rows of n_units units. Rows are split over
-    KS warps only where there are too few rows to fill the card: a 7B's products have thousands,
-    and its 512-thread blocks (one a multiprocessor at 80 registers) read 16% slower."""
+# Products of up to this many bytes of weights send them to L2 before waiting for the kernel
+# ahead (PRE in _plan). Measured on an H100 (tg128, PDL on): 0.5B 1174 -> 1256 tok/s, 1.5B 632
+# -> 652; the 7B, whose big products outlast any lead, 276 (none) / 274 (to 16 MB) / 267 (all:
+# its 38k-block output head read ~10% slower). NUMBA_APR_PREFETCH sets it (to measure it).
+PREFETCH_BYTES = int(os.environ.get("NUMBA_APR_PREFETCH", 16 << 20))
+
+
+def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool]:
+    """(UNROLL, KS, RW, PRE) of a decode product of `rows` rows of n_units units, nbytes of
+    weights. Rows are split over KS warps only where there are too few rows to fill the card: a
+    7B's products have thousands, and its 512-thread blocks (one a multiprocessor at 80
+    registers) read 16% slower. PRE: the warps send their rows to L2 before waiting for the
+    kernel ahead (see the kernel)."""
     KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= SPLIT_ROWS))
     UNROLL = 2 if n_units > 32 * KS else 1
     RW = 2 if epi == EPI_ROPE or (epi == EPI_GATED and KS == 1 and UNROLL == 1) else 1
-    return UNROLL, KS, RW
+    return UNROLL, KS, RW, nbytes <= PREFETCH_BYTES
 
 
 @cuda_jit(device=True)
@@ -499,7 +518,7 @@ def _make_adder(unit, EPI, RW):
     return add_units
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, unit2=None):
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
     GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
@@ -508,6 +527,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
     add1 = _make_adder(unit, EPI, RW)
     add2 = _make_adder(unit2, EPI, RW) if TWO else add1
 
+    @overlapped
     @cuda_jit
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
@@ -528,6 +548,18 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, unit2=None):
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
             r, r1 = a - col, b - col
+        # The weights do not depend on the kernel before: the warp's rows go to L2 while that
+        # kernel still runs (launched early, see launch.overlapped), then wait for its output.
+        if PRE and lane == 0 and kw == 0:
+            ra, rb = min(r, rows - 1), min(r1, rows - 1)
+            _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, ra)
+            if RW == 2:
+                _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, rb)
+            if EPI == EPI_GATED:
+                _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, ra + half)
+                if RW == 2:
+                    _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, rb + half)
+        ptx.grid_dep()
         acc = cuda.local.array(NA, np.float32)
         for j in range(NA):
             acc[j] = 0.0
@@ -970,8 +1002,8 @@ def _placeholders():
 def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None,
             qtype2=None):
     """The decode kernel for n_out output rows (gated: n_out = half)."""
-    plan = _plan(m.K // 32, n_out, epi)
-    _, KS, RW = plan
+    plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if qtype2 is None else rope[-8].size * 4))
+    _, KS, RW, _ = plan
     per_block = WARPS * RW
     launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2), (n_out + per_block - 1) // per_block,
            32 * WARPS * KS, stream,
