@@ -26,7 +26,7 @@ def rng():
     return np.random.default_rng(SEED)
 
 
-def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True, quant=False, short=False):
+def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True, quant=False, span=0):
     T_max = T + 2
     # q as the model passes it: a column slice of the wider [q | k | v] buffer (strided rows).
     qkv = rng.standard_normal((T_max, n_head * D + 48)).astype(np.float32)
@@ -44,12 +44,14 @@ def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=N
     stream = cuda.stream()
     dst = ActBuffers.allocate(T, n_head * DV) if quant else None
     q8 = attention(d_out, d_qkv[:, :n_head * D], d_k, d_v, d_pos, T, n_head, n_head_kv, D, DV, scale, window,
-                   stream, ws, dst, short)
+                   stream, ws, dst, span)
     stream.synchronize()
     got = d_out.copy_to_host()
     assert np.isnan(got[T:]).all(), f"rows past T written (seed {SEED})"
+    if ws is not None:
+        assert not ws[2].copy_to_host().any(), "the merging block resets its head group's count"
     np.testing.assert_allclose(got[:T], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED}")
-    if quant:   # the combine's epilogue: the q8 of out, as quantize_act would write it
+    if quant:   # the epilogue: the q8 of out, as quantize_act would write it
         q, d = quantize_act_ref(got[:T])
         assert np.array_equal(q8.xq8.copy_to_host()[:T], q), f"seed {SEED}"
         np.testing.assert_allclose(q8.xd.copy_to_host()[:T], d, rtol=1e-6)
@@ -65,13 +67,22 @@ def test_decode_positions(rng, pos0):
 @pytest.mark.parametrize("window", [0, 200])
 def test_decode_split_k(rng, window):
     # 300 visible positions over 4 splits of 128 keys: 3 splits have keys, the 4th exits (with
-    # the window: positions 100..299, 2 splits); the combine merges their partials.
+    # the window: positions 100..299, 2 splits); the last of them merges the partials.
     run(rng, T=1, pos0=299, n_head=2, n_head_kv=1, D=32, DV=32, n_ctx=304, n_split=4, window=window)
 
 
 def test_decode_short_context_one_head_a_block(rng):
-    # 3 query heads a kv head, each in blocks of its own (short=True), split over the positions.
-    run(rng, T=1, pos0=130, n_head=6, n_head_kv=2, D=32, DV=32, n_ctx=140, n_split=3, short=True)
+    # 3 query heads a kv head, each in blocks of its own (span SHORT_CTX), split over the positions.
+    run(rng, T=1, pos0=130, n_head=6, n_head_kv=2, D=32, DV=32, n_ctx=140, n_split=3, span=1024)
+
+
+@pytest.mark.parametrize("T,quant,workspace", [(1, True, False), (2, False, False), (2, True, True)])
+def test_decode_one_split(rng, T, quant, workspace):
+    # One block a query head takes every position: without a workspace (two steps of 128 keys
+    # here), or, with one, where the context has no more than KEYS positions; it writes (and
+    # quantizes) the output itself.
+    run(rng, T=T, pos0=150 if not workspace else 100, n_head=6, n_head_kv=2, D=32, DV=64, n_ctx=160, n_split=3,
+        quant=quant, span=1024, workspace=workspace)
 
 
 def test_decode_combine_quantizes_for_the_next_product(rng):

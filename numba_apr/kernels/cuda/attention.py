@@ -24,10 +24,11 @@ size that the registers allow, at most 8):
   shared memory (broadcast reads, two dims a load: no shuffle per key); one `warp_max` per head
   and 32 keys updates the running max; then the lanes switch to the head dimension for p * V,
   each V row one coalesced 128-byte warp load per 64 dims, 8-16 rows in flight. The 4 warps'
-  (max, sum, acc) meet in shared memory at the end. With one split the block writes `out`; else
-  (o, max, sum) partials go to the caller's workspace and `_combine` (grid (n_head, T, dv/32),
-  lane = dim, warps over the splits) merges them. The splits: up to TARGET_BLOCKS / (kv heads x
-  head groups), as many as the workspace holds.
+  (max, sum, acc) meet in shared memory at the end. Where only one split has keys (a context of
+  up to KEYS positions, or one split in all) the block writes `out`; else (o, max, sum) partials
+  go to the caller's workspace, and the last of the splits' blocks to finish (an atomic count a
+  head group) merges them (`_merge`: lane = dim, a warp a 32-dim chunk): no second launch. The
+  splits: up to TARGET_BLOCKS / (kv heads x head groups), as many as the workspace holds.
 * prompts, T > DECODE_MAX_T (the `prompt` kernel): flash attention. Grid (n_head_kv * head
   groups, ceil(T / WT)). A block owns R = 4 * RW (token, head) rows, WT = R // HB tokens times
   its HB heads, RW rows a warp. It walks the keys its tokens see in tiles of KT = 32: a tile's K
@@ -64,9 +65,10 @@ KT = 32               # keys a prompt tile holds
 DECODE_MAX_T = 4      # batches up to this size use the decode kernel (one token per block)
 MAX_SPLIT = 512
 TARGET_BLOCKS = 528   # decode blocks to aim for: ~4 resident a multiprocessor on an H100 (132)
-CU = 4                # splits a combine warp loads at once
+CU = 8                # splits whose partials a merging warp loads at once
 HB_MAX = 8            # query heads a block at most (see _plan)
-SHORT_CTX = 1024      # decoding within this many positions: one query head a block (`short`)
+SHORT_CTX = 1024      # decoding within this many positions: one query head a block (`span`)
+SPANS = (SHORT_CTX,)
 NEG = np.float32(-1e30)   # "no score yet": finite, since fastmath assumes no infinities
 
 if ptx.SIM:
@@ -98,13 +100,26 @@ def _n_split(n_ctx: int) -> int:
 
 def attention_workspace(n_ctx: int, n_head: int, head_dim_v: int, max_T: int = 1, n_split: int | None = None):
     """Device buffers for split decoding: (partial outputs [Ts, n_split, n_head, head_dim_v],
-    partial (max, sum) [Ts, n_split, n_head, 2]), Ts = min(max_T, DECODE_MAX_T). Allocate once
-    and pass to every `attention` call (all layers can share it: launches on one stream run in
-    order)."""
+    partial (max, sum) [Ts, n_split, n_head, 2], counters [Ts, n_head] of the splits done, zeros
+    between launches), Ts = min(max_T, DECODE_MAX_T). Allocate once and pass to every
+    `attention` call (all layers can share it: launches on one stream run in order)."""
     ns = _n_split(n_ctx) if n_split is None else max(1, int(n_split))
     ts = max(1, min(max_T, DECODE_MAX_T))
     return (cuda.device_array((ts, ns, n_head, head_dim_v), np.float32),
-            cuda.device_array((ts, ns, n_head, 2), np.float32))
+            cuda.device_array((ts, ns, n_head, 2), np.float32),
+            cuda.to_device(np.zeros((ts, n_head), np.int32)))
+
+
+_PLACEHOLDERS: list = []
+
+
+def _placeholders():
+    """A workspace's arrays, typed as the real ones, for one-split launches (which use none)."""
+    if not _PLACEHOLDERS:
+        _PLACEHOLDERS.append((cuda.device_array((1, 1, 1, 1), np.float32),
+                              cuda.device_array((1, 1, 1, 2), np.float32),
+                              cuda.device_array((1, 1), np.int32)))
+    return _PLACEHOLDERS[0]
 
 
 @cuda_jit(device=True, inline=True)
@@ -166,7 +181,8 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
 
     @overlapped
     @cuda_jit
-    def decode(dst, ml, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split):
+    def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split,
+               quant, xq8, xd, xs):
         ptx.grid_dep()
         tid = cuda.threadIdx.x
         lane = tid & 31
@@ -190,6 +206,10 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         mw = cuda.shared.array((NWARP, HB), np.float32)
         lw = cuda.shared.array((NWARP, HB), np.float32)
         aw = cuda.shared.array((NWARP, HB, DV), np.float32)
+        flag = cuda.shared.array(1, np.int32)
+        fm = cuda.local.array(CU, np.float32)
+        fl = cuda.local.array(CU, np.float32)
+        fo = cuda.local.array(CU, np.float32)
         for i in range(tid, HB * D, NT):
             hh = i // D
             d = i - hh * D
@@ -266,7 +286,9 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                                     acc[hh, 2 * c + 1] += pj[hh] * vhi
             _syncwarp()
 
-        # Merge the 4 warps' (max, sum, acc) per head.
+        # Merge the 4 warps' (max, sum, acc) per head: the output itself where this is the only
+        # split with keys, else this split's partial (o, max, sum).
+        na = (p + 1 - lo + chunk - 1) // chunk
         for hh in range(HB):
             lt = warp_sum(lsum[hh])
             if lane == 0:
@@ -278,7 +300,9 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                     aw[warp, hh, 2 * w] = acc[hh, 2 * c]
                     aw[warp, hh, 2 * w + 1] = acc[hh, 2 * c + 1]
         cuda.syncthreads()
-        for i in range(tid, HB * DV, NT):
+        for i0 in range(0, HB * DV, NT):    # (block-uniform trips: quant32 is a collective)
+            i = min(i0 + tid, HB * DV - 1)
+            ok = i0 + tid < HB * DV           # warp-uniform: HB * DV is a multiple of 32
             hh = i // DV
             d = i - hh * DV
             mx = mw[0, hh]
@@ -290,13 +314,32 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                 f = math.exp(mw[wi, hh] - mx)
                 o += f * aw[wi, hh, d]
                 lt += f * lw[wi, hh]
-            if n_split == 1:
-                dst[t, 0, h0 + hh, d] = o / lt
-            else:
-                dst[t, s, h0 + hh, d] = o
+            if na == 1:
+                o = o / lt
+                if ok:
+                    out[t, (h0 + hh) * DV + d] = o
+                if quant:                     # a 32-dim group of one head: one warp
+                    quant32(o, ok, xq8, xd, xs, t, ((h0 + hh) * DV + d) >> 5)
+            elif ok:
+                po[t, s, h0 + hh, d] = o
                 if d == 0:
                     ml[t, s, h0 + hh, 0] = mx
                     ml[t, s, h0 + hh, 1] = lt
+        if na > 1:
+            # The last of the na blocks of these heads to finish merges the partials (a
+            # launch less than a combine kernel of its own: ~3 us a layer, measured).
+            cuda.threadfence()                # this thread's partials, visible to that block
+            cuda.syncthreads()
+            if tid == 0:
+                flag[0] = cuda.atomic.add(count, (t, h0), 1) == na - 1
+            cuda.syncthreads()
+            if flag[0]:
+                for c0 in range(0, HB * DV // 32, NWARP):   # warps over 32-dim chunks of the heads
+                    c = min(c0 + warp, HB * DV // 32 - 1)
+                    _merge(out, po, ml, t, h0 + c * 32 // DV, (c * 32) % DV + lane, na, DV,
+                           c0 + warp < HB * DV // 32, quant, xq8, xd, xs, fm, fl, fo)
+                if tid == 0:
+                    count[t, h0] = 0
 
     @cuda_jit
     def prompt(out, q, kw, vw, kstride, vstride, pos, T, group, n_hb, scale, window):
@@ -417,58 +460,35 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
 
 
 @overlapped
-@cuda_jit
-def _combine(out, po, ml, pos, window, n_split, DV, quant, xq8, xd, xs):
-    """out[t, h] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits that had keys,
-    and with `quant`, its q8 (the next product's input, q8.py) into xq8 / xd / xs as well.
-
-    Grid (n_head, T, DV / 32): a block takes 32 dims of one head (lane = dim); its 4 warps take
-    every 4th split, CU splits' loads in flight at a time, and meet in shared memory."""
-    ptx.grid_dep()
-    lane = cuda.threadIdx.x & 31
-    warp = cuda.threadIdx.x >> 5
-    h = cuda.blockIdx.x
-    t = cuda.blockIdx.y
-    d = cuda.blockIdx.z * 32 + lane
-    p = pos[0] + t
-    n = p + 1 - _first_key(p, window)
-    chunk = _chunk(n, n_split)
-    na = (n + chunk - 1) // chunk
-    ow = cuda.shared.array((NWARP, 32), np.float32)
-    lw = cuda.shared.array(NWARP, np.float32)
-    fm = cuda.local.array(CU, np.float32)
-    fl = cuda.local.array(CU, np.float32)
-    fo = cuda.local.array(CU, np.float32)
+@cuda_jit(device=True)
+def _merge(out, po, ml, t, h, d, na, DV, ok, quant, xq8, xd, xs, fm, fl, fo):
+    """out[t, h*DV + d] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the na splits that
+    had keys (partials in po / ml, written by other blocks of this launch: read through L2, see
+    ptx.ldcg), online (the max rescaled as it grows), CU splits' loads in flight at a time; and
+    with `quant`, its q8 (the next product's input, q8.py) into xq8 / xd / xs. A warp takes 32
+    dims of one head (lane = dim), stored where `ok`; a warp collective (quant32)."""
     mx = NEG
-    for s in range(lane, na, 32):
-        mx = max(mx, ml[t, s, h, 0])
-    mx = warp_max(mx)                      # each warp gets the max over all splits
     o = np.float32(0.0)
     lt = np.float32(0.0)
-    for s0 in range(warp * CU, na, NWARP * CU):
+    for s0 in range(0, na, CU):
         for u in range(CU):
-            s = min(s0 + u, na - 1)        # past the last split: reread it, weight 0
-            fm[u] = ml[t, s, h, 0]
-            fl[u] = ml[t, s, h, 1]
-            fo[u] = po[t, s, h, d]
+            s = min(s0 + u, na - 1)        # past the last split: reread it, skipped below
+            fm[u] = ptx.ldcg(ml, t, s, h, 0)
+            fl[u] = ptx.ldcg(ml, t, s, h, 1)
+            fo[u] = ptx.ldcg(po, t, s, h, d)
         for u in range(CU):
-            f = math.exp(fm[u] - mx) if s0 + u < na else np.float32(0.0)
-            o += f * fo[u]
-            lt += f * fl[u]
-    ow[warp, lane] = o
-    if lane == 0:
-        lw[warp] = lt
-    cuda.syncthreads()
-    o = ow[0, lane]                        # every warp sums (warp 0 stores): the quantizer is a
-    lt = lw[0]                             # warp collective, called by the whole block
-    for wi in range(1, NWARP):
-        o += ow[wi, lane]
-        lt += lw[wi]
+            if s0 + u < na:
+                mn = max(mx, fm[u])
+                c = math.exp(mx - mn)
+                f = math.exp(fm[u] - mn)
+                o = o * c + f * fo[u]
+                lt = lt * c + f * fl[u]
+                mx = mn
     o = o / lt
-    if warp == 0:
+    if ok:
         out[t, h * DV + d] = o
     if quant:
-        quant32(o, warp == 0, xq8, xd, xs, t, (h * DV + d) >> 5)
+        quant32(o, ok, xq8, xd, xs, t, (h * DV + d) >> 5)
 
 
 def _words(cache):
@@ -476,21 +496,27 @@ def _words(cache):
     return view_once(cache, "words", lambda: cache.reshape(cache.shape[0] * cache.shape[1]).view(np.uint32))
 
 
+def span(n_keys: int) -> int:
+    """The decode plan for tokens that see up to n_keys positions: the smallest of SPANS that
+    holds them, or 0 (no promise). A decode graph is captured per span."""
+    return next((s for s in SPANS if n_keys <= s), 0)
+
+
 def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-              stream, workspace=None, dst=None, short=False):
+              stream, workspace=None, dst=None, span=0):
     """out[t, h*dv:(h+1)*dv] = softmax(scale * q_t,h . K^T) V over the positions token t sees.
 
     out: f32 [>= T, n_head*dv]; q: f32 [>= T, n_head*head_dim] (rows may be strided);
     k_cache / v_cache: f16 [n_ctx, n_head_kv*head_dim / *dv], C-contiguous, positions up to
     pos[0] + T - 1 written; pos: int32 device array. head_dim and dv: multiples of 32, <= 256.
     workspace: `attention_workspace(...)`, for split decoding (see the module docstring).
-    dst: ActBuffers (ops.py) for the q8 of out, when out is a product's input: where the combine
-    step runs (split decoding) it quantizes out too, and the view is returned; else None.
-    short: the caller's promise that no token sees more than SHORT_CTX positions; decoding then
-    gives each query head its own blocks (HB = 1). A block's latency is its HB heads' dots and
-    p * V one after another, so with few positions (few splits busy) that is the whole
-    kernel: measured 9.3 -> 5.2 us at 200 positions, 0.5B-shaped, on an H100. At long
-    contexts it would read each K/V row HB times, hence the promise."""
+    dst: ActBuffers (ops.py) for the q8 of out, when out is a product's input: decoding, the
+    block that writes out quantizes it too, and the view is returned; else None.
+    span: the caller's promise that no token sees more than `span` positions (0: none).
+    Decoding within SHORT_CTX gives each query head its own blocks (HB = 1). A block's latency
+    is its HB heads' dots and p * V one after another, so with few positions (few splits busy)
+    that is the whole kernel: measured 9.3 -> 5.2 us at 200 positions, 0.5B-shaped, on an H100.
+    At long contexts it would read each K/V row HB times, hence the promise."""
     if T <= 0:
         return None
     D, DV = int(head_dim), int(head_dim_v)
@@ -498,7 +524,7 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
         raise ValueError(f"attention: head dims must be multiples of 32 up to 256, got {D}, {DV}")
     group = n_head // n_head_kv
     HB, RW = _plan(group, D, DV)
-    if short and T <= DECODE_MAX_T:
+    if 0 < span <= SHORT_CTX and T <= DECODE_MAX_T:
         HB = 1
     decode, prompt, WT = _kernels(D, DV, HB, RW)
     n_hb = group // HB
@@ -511,24 +537,14 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             # Enough splits for ~TARGET_BLOCKS blocks at full context (fewer kv heads, more
             # splits); at short contexts most of them exit at once (see _chunk).
             n_split = min(workspace[0].shape[1], max(1, -(-TARGET_BLOCKS // (n_head_kv * n_hb))))
-        if n_split > 1:
-            po, ml = workspace
-            launch(decode, (n_head_kv * n_hb, n_split, T), NT, stream,
-                po, ml, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, n_split)
-            if dst is None:
-                launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV,
-                       False, out, out, out)
-                return None
-            a = dst.cols(n_head * DV)
-            launch(_combine, (n_head, T, DV // 32), NT, stream, out, po, ml, pos, win, n_split, DV,
-                   True, a.xq8, a.xd, a.xs)
-            return a
+            po, ml, count = workspace
         else:
-            # One split: the kernel writes normalised rows straight into out, seen as [T, 1, H, DV].
-            heads = view_once(out, ("heads", n_head, DV), lambda: out.reshape(out.shape[0], 1, n_head, DV))
-            launch(decode, (n_head_kv * n_hb, 1, T), NT, stream,
-                heads, heads, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, 1)
-        return None
+            po, ml, count = _placeholders()
+        a = None if dst is None else dst.cols(n_head * DV)
+        launch(decode, (n_head_kv * n_hb, n_split, T), NT, stream,
+               out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, n_split,
+               *((False, out, out, out) if a is None else (True, a.xq8, a.xd, a.xs)))
+        return a
     else:
         launch(prompt, (n_head_kv * n_hb, -(-T // WT)), NT, stream,
             out, q, kw, vw, kstride, vstride, pos, T, group, n_hb, sc, win)

@@ -8,6 +8,9 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   read-only cache (`ld.global.nc.v4.u32`): how weights are streamed (i must be a multiple of 4);
   `ldg4_2d(a, i, j)` the same for a[i, j..j+3] of an int32 matrix whose rows are contiguous and
   16-byte aligned (j a multiple of 4): how decode products read the q8 activations;
+* `ldcg(a, i, j, k, l)`: a[i, j, k, l] of a 4-d float32 array, read through L2 only
+  (`ld.global.cg`): values other blocks of the same launch wrote (and fenced), which this
+  multiprocessor's L1 might hold stale;
 * `f16_bits(h)` / `f32_bits(u)`: the float32 value of f16 / f32 bit patterns (`cvt` / `mov`);
 * `warp_sum(v)` / `warp_max(v)`: a butterfly over the 32 lanes of a warp (`shfl.sync.bfly`);
   every lane gets the result;
@@ -85,6 +88,9 @@ if SIM:
 
     def ldg4_2d(a, i, j):
         return int(a[i, j]), int(a[i, j + 1]), int(a[i, j + 2]), int(a[i, j + 3])
+
+    def ldcg(a, i, j, k, l):
+        return a[i, j, k, l]
 
     def f16_bits(h):
         return np.float32(np.array([int(h) & 0xFFFF], np.uint16).view(np.float16)[0])
@@ -200,6 +206,21 @@ else:
         if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
             return None
         return types.UniTuple(types.int32, 4)(a, types.intp, types.intp), _ldg4_codegen("s32")
+
+    @intrinsic
+    def ldcg(typingctx, a, i, j, k, l):
+        if not (isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 4):
+            return None
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, list(args[1:]))
+            asm = ir.InlineAsm(ir.FunctionType(ir.FloatType(), [ptr.type]), "ld.global.cg.f32 $0, [$1];", "=f,l",
+                               side_effect=True)
+            return builder.call(asm, [ptr])
+
+        return types.float32(a, types.intp, types.intp, types.intp, types.intp), codegen
 
     @intrinsic
     def _f16_bits(typingctx, h):
