@@ -124,12 +124,13 @@ def test_decode_gated_epilogue(rng, name, mode):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
-@pytest.mark.parametrize("plan", [(2, 4, 1, True), (1, 2, 1, False), (1, 1, 2, True)])
+@pytest.mark.parametrize("plan", [(2, 4, 1, True, 0), (1, 2, 1, False, 256), (1, 1, 2, True, 0),
+                                  (2, 1, 2, False, 256)])
 def test_decode_plans(rng, monkeypatch, plan):
     """Every decode plan (units a lane a trip, warps a row, rows a warp, weights sent to L2
-    first or not: qmatmul._plan picks one by shape, which shapes small enough for the simulator
-    would not reach) gives the same results: split rows through the quantizing epilogue, two
-    rows a warp through the gated one."""
+    first or not, activations staged in shared memory or not: qmatmul._plan picks one by shape,
+    which shapes small enough for the simulator would not reach) gives the same results: split
+    rows through the quantizing epilogue, two rows a warp through the gated one."""
     monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi, nbytes: plan)
     K, N = 256, 64
     raw = case(rng, "Q4_K", 2 * N if plan[2] == 2 else N, K)

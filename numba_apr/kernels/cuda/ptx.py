@@ -8,6 +8,9 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   read-only cache (`ld.global.nc.v4.u32`): how weights are streamed (i must be a multiple of 4);
   `ldg4_2d(a, i, j)` the same for a[i, j..j+3] of an int32 matrix whose rows are contiguous and
   16-byte aligned (j a multiple of 4): how decode products read the q8 activations;
+  `ld4_2d(a, i, j)` the same through a generic load (`ld.v4.s32`), for an array that may be
+  in shared memory (16-byte aligned too: numba aligns a shared int32 array to 4 bytes only, so
+  `aligned16` gives the view of a [1, n + 3] one that starts on a 16-byte boundary);
 * `ldcg(a, i, j, k, l)`: a[i, j, k, l] of a 4-d float32 array, read through L2 only
   (`ld.global.cg`): values other blocks of the same launch wrote (and fenced), which this
   multiprocessor's L1 might hold stale;
@@ -91,6 +94,11 @@ if SIM:
 
     def ldcg(a, i, j, k, l):
         return a[i, j, k, l]
+
+    ld4_2d = ldg4_2d
+
+    def aligned16(a):
+        return a[:, :a.shape[1] - 3]
 
     def f16_bits(h):
         return np.float32(np.array([int(h) & 0xFFFF], np.uint16).view(np.float16)[0])
@@ -181,8 +189,9 @@ else:
     def dp4a(a, b, c):
         return _dp4a(np.int32(a), np.int32(b), np.int32(c))
 
-    def _ldg4_codegen(kind):
-        """codegen of a 16-byte read-only load of the 4 elements from a[indices] on."""
+    def _ldg4_codegen(kind, op="ld.global.nc"):
+        """codegen of a 16-byte load (`op`: read-only global by default) of the 4 elements from
+        a[indices] on."""
         def codegen(context, builder, sig, args):
             from numba.core import cgutils
             arr = context.make_array(sig.args[0])(context, builder, value=args[0])
@@ -190,7 +199,7 @@ else:
             ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, inds)
             st = ir.LiteralStructType([_i32] * 4)
             asm = ir.InlineAsm(ir.FunctionType(st, [ptr.type]),
-                               f"ld.global.nc.v4.{kind} {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l")
+                               f"{op}.v4.{kind} {{$0, $1, $2, $3}}, [$4];", "=r,=r,=r,=r,l")
             r = builder.call(asm, [ptr])
             return context.make_tuple(builder, sig.return_type, [builder.extract_value(r, j) for j in range(4)])
         return codegen
@@ -206,6 +215,28 @@ else:
         if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
             return None
         return types.UniTuple(types.int32, 4)(a, types.intp, types.intp), _ldg4_codegen("s32")
+
+    @intrinsic
+    def _address(typingctx, a):
+        if not isinstance(a, types.Array):
+            return None
+
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            return builder.ptrtoint(arr.data, ir.IntType(64))
+
+        return types.int64(a), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def aligned16(a):
+        off = ((16 - (_address(a) & 15)) & 15) >> 2
+        return a[:, off:off + a.shape[1] - 3]
+
+    @intrinsic
+    def ld4_2d(typingctx, a, i, j):
+        if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
+            return None
+        return types.UniTuple(types.int32, 4)(a, types.intp, types.intp), _ldg4_codegen("s32", "ld")
 
     @intrinsic
     def ldcg(typingctx, a, i, j, k, l):

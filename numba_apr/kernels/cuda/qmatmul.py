@@ -333,33 +333,42 @@ UNITS = {Q.Q4_0: _unit_q4_0, Q.Q4_1: _unit_q4_1, Q.Q5_0: _unit_q5_0, Q.Q5_1: _un
 # ---------------------------------------------------------------------------------------------
 # The product kernel, built per (type, tile width).
 
-@cuda_jit(device=True)
-def _half_dot(xq, t, e, q0, q1, q2, q3):
-    """dot of 16 quants (4 words) with the activation bytes x[t, e .. e+16), read in one 16-byte
-    load: the lanes of a warp read 32-byte-apart chunks, so each load instruction touches 8 cache
-    lines, and 4-byte loads made the L1 lookups, not memory, the limit of decode products."""
-    x0, x1, x2, x3 = ptx.ldg4_2d(xq, t, e >> 2)
-    s = ptx.dp4a(q0, x0, 0)
-    s = ptx.dp4a(q1, x1, s)
-    s = ptx.dp4a(q2, x2, s)
-    return ptx.dp4a(q3, x3, s)
+def _dots(load4):
+    """(unit_dot, row_unit) reading the q8 activations with load4(xq, t, j) -> xq[t, j..j+3]:
+    ptx.ldg4_2d where they are in global memory, ptx.ld4_2d where a block staged them in shared
+    memory (the decode plan's SK)."""
+    @cuda_jit(device=True)
+    def half_dot(xq, t, e, q0, q1, q2, q3):
+        """dot of 16 quants (4 words) with the activation bytes x[t, e .. e+16), read in one
+        16-byte load: the lanes of a warp read 32-byte-apart chunks, so each load instruction
+        touches 8 cache lines, and 4-byte loads made the L1 lookups, not memory, the limit of
+        decode products."""
+        x0, x1, x2, x3 = load4(xq, t, e >> 2)
+        s = ptx.dp4a(q0, x0, 0)
+        s = ptx.dp4a(q1, x1, s)
+        s = ptx.dp4a(q2, x2, s)
+        return ptx.dp4a(q3, x3, s)
+
+    @cuda_jit(device=True)
+    def unit_dot(xq, xd, xs, t, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1):
+        """A unit's 32 weights times the q8 activations of token t: xd * (d * dot + m * sum(xq))."""
+        s0 = half_dot(xq, t, e0, l0, l1, l2, l3)
+        s1 = half_dot(xq, t, e1, h0, h1, h2, h3)
+        a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
+        a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
+        return xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
+
+    @cuda_jit(device=True, inline=True)
+    def row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
+        """Unit u of row r times token 0's q8 activations."""
+        l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
+        return unit_dot(xq, xd, xs, 0, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1)
+
+    return unit_dot, row_unit
 
 
-@cuda_jit(device=True)
-def _unit_dot(xq, xd, xs, t, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1):
-    """A unit's 32 weights times the q8 activations of token t: xd * (d * dot + m * sum(xq))."""
-    s0 = _half_dot(xq, t, e0, l0, l1, l2, l3)
-    s1 = _half_dot(xq, t, e1, h0, h1, h2, h3)
-    a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
-    a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
-    return xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
-
-
-@cuda_jit(device=True, inline=True)
-def _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
-    """Unit u of row r times token 0's q8 activations."""
-    l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
-    return _unit_dot(xq, xd, xs, 0, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1)
+_unit_dot, _row_unit = _dots(ptx.ldg4_2d)
+_unit_dot_shared, _row_unit_shared = _dots(ptx.ld4_2d)
 
 
 @cuda_jit(device=True)
@@ -468,18 +477,27 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # -> 652; the 7B, whose big products outlast any lead, 276 (none) / 274 (to 16 MB) / 267 (all:
 # its 38k-block output head read ~10% slower). NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = int(os.environ.get("NUMBA_APR_PREFETCH", 16 << 20))
+# Staged activations (SK in _plan) for rows of STAGE_MIN_K .. STAGE_MAX_K (K + K/8 + K/4 bytes of
+# static shared memory). Measured on an H100 (7B, decode kernels replayed alone): the down
+# product (K = 18944, ~18 units a lane) 7 us faster a call (its warps walk the whole q8 vector,
+# which L1 held for ~24 warps a multiprocessor); gate/up (K = 3584, 3-4 units a lane) 47.3 ->
+# 51.4 us and the output head 240 -> 297 us slower: a block's staging round trip and bytes
+# (a third of its weights') outweigh a few L1 reads.
+STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 
 
-def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool]:
-    """(UNROLL, KS, RW, PRE) of a decode product of `rows` rows of n_units units, nbytes of
+def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
+    """(UNROLL, KS, RW, PRE, SK) of a decode product of `rows` rows of n_units units, nbytes of
     weights. Rows are split over KS warps only where there are too few rows to fill the card: a
     7B's products have thousands, and its 512-thread blocks (one a multiprocessor at 80
     registers) read 16% slower. PRE: the warps send their rows to L2 before waiting for the
-    kernel ahead (see the kernel)."""
+    kernel ahead (see the kernel). SK: the row length K where a block stages the activations
+    in shared memory first (else 0): big products of long rows (see STAGE_MIN_K)."""
     KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= SPLIT_ROWS))
     UNROLL = 2 if n_units > 32 * KS else 1
     RW = 2 if epi == EPI_ROPE or (epi == EPI_GATED and KS == 1 and UNROLL == 1) else 1
-    return UNROLL, KS, RW, nbytes <= PREFETCH_BYTES
+    PRE = nbytes <= PREFETCH_BYTES
+    return UNROLL, KS, RW, PRE, 32 * n_units if not PRE and STAGE_MIN_K <= 32 * n_units <= STAGE_MAX_K else 0
 
 
 @cuda_jit(device=True)
@@ -504,7 +522,7 @@ def _rope_store(out, bias, va, vb, a, b, p, cos, sin, k_cache, v_cache, n_rot, n
         k_cache[p, b - n_q] = np.float16(x1)
 
 
-def _make_adder(unit, EPI, RW):
+def _make_adder(unit, EPI, RW, _row_unit):
     @cuda_jit(device=True, inline=True)
     def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u, keep, xq, xd, xs):
         """acc += keep * unit u of the warp's rows r (and r1) (and, gated, of their up rows)."""
@@ -518,14 +536,18 @@ def _make_adder(unit, EPI, RW):
     return add_units
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, unit2=None):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
     GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
     NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
-    add1 = _make_adder(unit, EPI, RW)
-    add2 = _make_adder(unit2, EPI, RW) if TWO else add1
+    row_unit = _row_unit_shared if SK else _row_unit
+    add1 = _make_adder(unit, EPI, RW, row_unit)
+    add2 = _make_adder(unit2, EPI, RW, row_unit) if TWO else add1
+    NTHR = 32 * NWB
+    # shared shapes: plain constants, never 0 (sq: 3 words spare for aligned16)
+    SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) // 32, max(SK, 32) // 16
 
     @overlapped
     @cuda_jit
@@ -560,6 +582,26 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, unit2=None):
                 if RW == 2:
                     _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, rb + half)
         ptx.grid_dep()
+        if SK:
+            # The q8 activations, staged in shared memory once a block: the products' reads of
+            # them then make no L1 lookups (a probe without those reads ran the 7B's big
+            # products 13-25% faster; see STAGE_MIN_K for where staging pays).
+            sq = ptx.aligned16(cuda.shared.array((1, SQ), np.int32))   # (16-byte loads)
+            sd = cuda.shared.array((1, SD), np.float32)
+            sx = cuda.shared.array((1, SX), np.int32)
+            tid = cuda.threadIdx.x
+            for i in range(4 * tid, SK // 4, 4 * NTHR):
+                a0, a1, a2, a3 = ptx.ldg4_2d(xq, 0, i)
+                sq[0, i] = a0
+                sq[0, i + 1] = a1
+                sq[0, i + 2] = a2
+                sq[0, i + 3] = a3
+            for i in range(tid, SK // 32, NTHR):
+                sd[0, i] = xd[0, i]
+            for i in range(tid, SK // 16, NTHR):
+                sx[0, i] = xs[0, i]
+            cuda.syncthreads()
+            xq, xd, xs = sq, sd, sx
         acc = cuda.local.array(NA, np.float32)
         for j in range(NA):
             acc[j] = 0.0
@@ -1003,7 +1045,7 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
             qtype2=None):
     """The decode kernel for n_out output rows (gated: n_out = half)."""
     plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if qtype2 is None else rope[-8].size * 4))
-    _, KS, RW, _ = plan
+    _, KS, RW, _, _ = plan
     per_block = WARPS * RW
     launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2), (n_out + per_block - 1) // per_block,
            32 * WARPS * KS, stream,
