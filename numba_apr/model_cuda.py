@@ -3,7 +3,7 @@ and the KV cache, allocated once), `forward` (the same steps as model.py's, thro
 kernels of kernels/cuda/) and `CudaRunner`, which runs prompts eagerly and replays each decode
 step from one CUDA graph.
 
-A decode step is ~6 launches a layer; launched from Python each costs ~20 us, which alone
+A decode step is 5 launches a layer; launched from Python each costs ~20 us, which alone
 would cap a 24-layer model near 200 tok/s. So the step (embedding of the last sampled token,
 every layer, the output head, the sampler and the position increment) is captured once into a
 CUDA graph and replayed: the token id and the position live in device memory, and the only
@@ -158,8 +158,8 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     `span`: no token sees more than this many positions (0: no promise; attention's plans).
 
     `a` is the next product's quantized input. Prompts quantize it in a launch of its own
-    (quantize_act); a decode step gets it from the kernel that made the values (attention's
-    combine, a product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
+    (quantize_act); a decode step gets it from the kernel that made the values (attention, a
+    product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
     no kernel overwrites the input it reads."""
     x, eps = s.x, c.norm_eps
     nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim

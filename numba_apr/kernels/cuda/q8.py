@@ -4,7 +4,7 @@ A product's quantized input is int8 per value (4 packed in an int32 word: what `
 float scale per 32 values and an int sum per 16 (what the weights' offsets multiply): llama.cpp's
 q8_1. It is written by `ops.quantize_act` (a launch of its own, for prompts), and in decode steps
 by the kernel that computes the values: the products' epilogues (qmatmul: the residual stream
-after wo / w_down, the gated activation after gate/up) and attention's combine, so a decode step
+after wo / w_down, the gated activation after gate/up) and decode attention, so a decode step
 has no quantizer launches at all.
 
 `quant32` is the one quantizer: a warp holds 32 values, one a lane. `gated` is the activation of
