@@ -23,7 +23,7 @@ from .arch import Config
 from ._numba import cuda_jit
 from .errors import NumbaAprError
 from .kernels.cuda import ptx
-from .kernels.cuda.attention import attention, attention_workspace, span
+from .kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
 from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
@@ -151,11 +151,11 @@ def _project(out, mats, act, T, stream, bias=None):
 
 
 def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False,
-            span: int = 0):
+            short: bool = False):
     """Run s.tokens[:T] at positions s.pos[0] .. + T-1 through the model (device-side inputs),
     filling the KV cache; the logits of the last token go to s.logits, or of every token to
     s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised.
-    `span`: no token sees more than this many positions (0: no promise; attention's plans).
+    `short`: no position reaches attention.SHORT_CTX (a decode plan for short contexts).
 
     `a` is the next product's quantized input. Prompts quantize it in a launch of its own
     (quantize_act); a decode step gets it from the kernel that made the values (attention, a
@@ -183,7 +183,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
             rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
                     stream, s.act.empty)
         a = attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
-                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, span)
+                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, short)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
         a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse)
@@ -256,7 +256,7 @@ class CudaRunner:
             self.stream = cuda.external_stream(int(self.core_stream.handle))
         self.w = upload_weights(c, w)
         self.s = DeviceState(c, n_ctx, n_batch)
-        self.graphs = {}            # (sampler key, attention span) -> captured decode step
+        self.graphs = {}            # (sampler key, short context) -> captured decode step
         self._host_tok = cuda.pinned_array(1, np.int32) if not ptx.SIM else np.zeros(1, np.int32)
         self._ahead = None          # (token, position) the device's inputs already hold
         # Decode steps queued ahead (see decode_sample): position -> (pinned slot its token is
@@ -288,27 +288,32 @@ class CudaRunner:
         return out
 
     # -- decode steps: eager under the simulator, else one CUDA graph per sampler --------------
-    def _step(self, sampler, stream, sp):
-        forward(self.c, self.w, self.s, 1, stream, span=sp)
+    def _step(self, sampler, stream, short):
+        forward(self.c, self.w, self.s, 1, stream, short=short)
         sampler.sample(self.s.logits[0], self.s.tokens[0:1], stream)
         _next_pos[1, 1, stream](self.s.pos)
 
     def _replay(self, sampler, pos):
-        """Run the decode step at pos from its graph (a graph a sampler and attention span: the
-        plans for up to 256, 1024 and more positions), capturing it the first time: that step
+        """Run the decode step at pos from its graph (two graphs a sampler: up to SHORT_CTX
+        positions, and past them: attention's plan), capturing it the first time: that step
         runs eagerly (compiling any kernel not yet compiled), then the same launches are
         recorded, not run, into the graph that later steps replay."""
-        sp = span(pos + 1)
-        g = self.graphs.get((id(sampler), sp))
+        short = pos < SHORT_CTX
+        g = self.graphs.get((id(sampler), short))
         if g is not None:
             g.launch(self.core_stream)
             return
-        self._step(sampler, self.stream, sp)
+        self._step(sampler, self.stream, short)
         if not ptx.SIM:
             gb = self.core_stream.create_graph_builder()
             gb.begin_building()
-            self._step(sampler, gb, sp)
-            self.graphs[(id(sampler), sp)] = gb.end_building().complete()
+            self._step(sampler, gb, short)
+            self.graphs[(id(sampler), short)] = gb.end_building().complete()
+
+    def _feed(self, token, pos):
+        """The device's inputs := (token, pos), unless they hold that already."""
+        if self._ahead != (token, pos):
+            self._set_inputs(np.array([token], np.int32), pos)
 
     def _queue(self, sampler, pos):
         """Replay the step at pos, then copy its token to the host into pos's slot (async)."""
@@ -329,14 +334,12 @@ class CudaRunner:
         position) are overwritten by whatever runs next at that position, as they would be."""
         key = id(sampler)
         if not ptx.SIM and not sampler.graph_capturable:
-            if self._ahead != (token, pos):
-                self._set_inputs(np.array([token], np.int32), pos)
-            forward(self.c, self.w, self.s, 1, self.stream, span=span(pos + 1))
+            self._feed(token, pos)
+            forward(self.c, self.w, self.s, 1, self.stream, short=pos < SHORT_CTX)
             self._ahead = None
             return sampler.sample(self.s.logits[0], self.s.tokens[0:1], self.stream)
         if ptx.SIM:   # no graphs, no queue: step, wait, read
-            if self._ahead != (token, pos):
-                self._set_inputs(np.array([token], np.int32), pos)
+            self._feed(token, pos)
             self._replay(sampler, pos)
             self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
             self.stream.synchronize()
@@ -344,8 +347,7 @@ class CudaRunner:
             self._ahead = (tok, pos + 1)
             return tok
         if self._queued != (token, pos, key):
-            if self._ahead != (token, pos):
-                self._set_inputs(np.array([token], np.int32), pos)
+            self._feed(token, pos)
             self._queue(sampler, pos)
         ahead = pos + 1 < self.s.n_ctx      # (the queued step writes the cache row pos + 1)
         if ahead:

@@ -26,7 +26,7 @@ def rng():
     return np.random.default_rng(SEED)
 
 
-def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True, quant=False, span=0):
+def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=None, workspace=True, quant=False, short=False):
     T_max = T + 2
     # q as the model passes it: a column slice of the wider [q | k | v] buffer (strided rows).
     qkv = rng.standard_normal((T_max, n_head * D + 48)).astype(np.float32)
@@ -44,7 +44,7 @@ def run(rng, *, T, pos0, n_head, n_head_kv, D, DV, window=0, n_ctx=40, n_split=N
     stream = cuda.stream()
     dst = ActBuffers.allocate(T, n_head * DV) if quant else None
     q8 = attention(d_out, d_qkv[:, :n_head * D], d_k, d_v, d_pos, T, n_head, n_head_kv, D, DV, scale, window,
-                   stream, ws, dst, span)
+                   stream, ws, dst, short)
     stream.synchronize()
     got = d_out.copy_to_host()
     assert np.isnan(got[T:]).all(), f"rows past T written (seed {SEED})"
@@ -72,8 +72,8 @@ def test_decode_split_k(rng, window):
 
 
 def test_decode_short_context_one_head_a_block(rng):
-    # 3 query heads a kv head, each in blocks of its own (span SHORT_CTX), split over the positions.
-    run(rng, T=1, pos0=130, n_head=6, n_head_kv=2, D=32, DV=32, n_ctx=140, n_split=3, span=1024)
+    # 3 query heads a kv head, each in blocks of its own (short=True), split over the positions.
+    run(rng, T=1, pos0=130, n_head=6, n_head_kv=2, D=32, DV=32, n_ctx=140, n_split=3, short=True)
 
 
 @pytest.mark.parametrize("T,quant,workspace", [(1, True, False), (2, False, False), (2, True, True)])
@@ -82,7 +82,7 @@ def test_decode_one_split(rng, T, quant, workspace):
     # here), or, with one, where the context has no more than KEYS positions; it writes (and
     # quantizes) the output itself.
     run(rng, T=T, pos0=150 if not workspace else 100, n_head=6, n_head_kv=2, D=32, DV=64, n_ctx=160, n_split=3,
-        quant=quant, span=1024, workspace=workspace)
+        quant=quant, short=True, workspace=workspace)
 
 
 def test_decode_combine_quantizes_for_the_next_product(rng):

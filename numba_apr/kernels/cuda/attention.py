@@ -67,8 +67,7 @@ MAX_SPLIT = 512
 TARGET_BLOCKS = 528   # decode blocks to aim for: ~4 resident a multiprocessor on an H100 (132)
 CU = 8                # splits whose partials a merging warp loads at once
 HB_MAX = 8            # query heads a block at most (see _plan)
-SHORT_CTX = 1024      # decoding within this many positions: one query head a block (`span`)
-SPANS = (SHORT_CTX,)
+SHORT_CTX = 1024      # decoding within this many positions: one query head a block (`short`)
 NEG = np.float32(-1e30)   # "no score yet": finite, since fastmath assumes no infinities
 
 if ptx.SIM:
@@ -459,7 +458,6 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     return decode, prompt, WT
 
 
-@overlapped
 @cuda_jit(device=True)
 def _merge(out, po, ml, t, h, d, na, DV, ok, quant, xq8, xd, xs, fm, fl, fo):
     """out[t, h*DV + d] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the na splits that
@@ -496,14 +494,8 @@ def _words(cache):
     return view_once(cache, "words", lambda: cache.reshape(cache.shape[0] * cache.shape[1]).view(np.uint32))
 
 
-def span(n_keys: int) -> int:
-    """The decode plan for tokens that see up to n_keys positions: the smallest of SPANS that
-    holds them, or 0 (no promise). A decode graph is captured per span."""
-    return next((s for s in SPANS if n_keys <= s), 0)
-
-
 def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-              stream, workspace=None, dst=None, span=0):
+              stream, workspace=None, dst=None, short=False):
     """out[t, h*dv:(h+1)*dv] = softmax(scale * q_t,h . K^T) V over the positions token t sees.
 
     out: f32 [>= T, n_head*dv]; q: f32 [>= T, n_head*head_dim] (rows may be strided);
@@ -512,11 +504,11 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
     workspace: `attention_workspace(...)`, for split decoding (see the module docstring).
     dst: ActBuffers (ops.py) for the q8 of out, when out is a product's input: decoding, the
     block that writes out quantizes it too, and the view is returned; else None.
-    span: the caller's promise that no token sees more than `span` positions (0: none).
-    Decoding within SHORT_CTX gives each query head its own blocks (HB = 1). A block's latency
-    is its HB heads' dots and p * V one after another, so with few positions (few splits busy)
-    that is the whole kernel: measured 9.3 -> 5.2 us at 200 positions, 0.5B-shaped, on an H100.
-    At long contexts it would read each K/V row HB times, hence the promise."""
+    short: the caller's promise that no token sees more than SHORT_CTX positions; decoding then
+    gives each query head its own blocks (HB = 1). A block's latency is its HB heads' dots and
+    p * V one after another, so with few positions (few splits busy) that is the whole
+    kernel: measured 9.3 -> 5.2 us at 200 positions, 0.5B-shaped, on an H100. At long
+    contexts it would read each K/V row HB times, hence the promise."""
     if T <= 0:
         return None
     D, DV = int(head_dim), int(head_dim_v)
@@ -524,7 +516,7 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
         raise ValueError(f"attention: head dims must be multiples of 32 up to 256, got {D}, {DV}")
     group = n_head // n_head_kv
     HB, RW = _plan(group, D, DV)
-    if 0 < span <= SHORT_CTX and T <= DECODE_MAX_T:
+    if short and T <= DECODE_MAX_T:
         HB = 1
     decode, prompt, WT = _kernels(D, DV, HB, RW)
     n_hb = group // HB

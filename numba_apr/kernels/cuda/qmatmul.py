@@ -476,7 +476,10 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # ahead (PRE in _plan). Measured on an H100 (tg128, PDL on): 0.5B 1174 -> 1256 tok/s, 1.5B 632
 # -> 652; the 7B, whose big products outlast any lead, 276 (none) / 274 (to 16 MB) / 267 (all:
 # its 38k-block output head read ~10% slower). NUMBA_APR_PREFETCH sets it (to measure it).
-PREFETCH_BYTES = int(os.environ.get("NUMBA_APR_PREFETCH", 16 << 20))
+PREFETCH_BYTES = os.environ.get("NUMBA_APR_PREFETCH", str(16 << 20))
+if not PREFETCH_BYTES.isdigit():
+    raise NumbaAprError(f"NUMBA_APR_PREFETCH must be a number of bytes, got {PREFETCH_BYTES!r}")
+PREFETCH_BYTES = int(PREFETCH_BYTES)
 # Staged activations (SK in _plan) for rows of STAGE_MIN_K .. STAGE_MAX_K (K + K/8 + K/4 bytes of
 # static shared memory). Measured on an H100 (7B, decode kernels replayed alone): the down
 # product (K = 18944, ~18 units a lane) 7 us faster a call (its warps walk the whole q8 vector,
@@ -1020,12 +1023,11 @@ def qmatmul_rope(out, mats, act, stream, bias, pos, table, k_cache, v_cache, n_r
         m2, col2 = second[0]
         assert col2 == col + m.rows and m2.K == m.K
         rope += (m2.w, m2.o_qh, m2.o_sc, m2.s_qs, m2.s_qh, m2.s_sc, m2.rows, nb1)
-        n_out, qtype2 = 2 * WARPS * nb1 + m2.rows, m2.qtype
+        n_out = 2 * WARPS * nb1 + m2.rows
     else:
         rope += _placeholders()[1]
-        n_out, qtype2 = m.rows, None
-    _decode(EPI_ROPE, out, m, act, stream, bias, False, col, n_out, 0, 0, act.empty, act, rope=rope,
-            qtype2=qtype2)
+        n_out, m2 = m.rows, None
+    _decode(EPI_ROPE, out, m, act, stream, bias, False, col, n_out, 0, 0, act.empty, act, rope=rope, m2=m2)
 
 
 _PLACEHOLDERS: list = []
@@ -1042,9 +1044,10 @@ def _placeholders():
 
 
 def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None,
-            qtype2=None):
-    """The decode kernel for n_out output rows (gated: n_out = half)."""
-    plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if qtype2 is None else rope[-8].size * 4))
+            m2=None):
+    """The decode kernel for n_out output rows (gated: n_out = half); m2: RoPE's second matrix."""
+    qtype2 = None if m2 is None else m2.qtype
+    plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if m2 is None else m2.nbytes))
     _, KS, RW, _, _ = plan
     per_block = WARPS * RW
     launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2), (n_out + per_block - 1) // per_block,
