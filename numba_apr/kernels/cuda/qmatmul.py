@@ -489,6 +489,15 @@ PREFETCH_BYTES = int(PREFETCH_BYTES)
 STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 
 
+# Tried and not kept (H100, same host as the code before): four units a lane a trip for the
+# 7B's rows of 112+ units, kernels replayed alone: gate/up 49.1 -> 47.3 us, wo/down 25.0 -> 24.4,
+# head 247 -> 245, no faster a token. Two or four rows a warp for every product, chained steps:
+# 1.5B 1.44 -> 1.40 / 1.46 ms, 7B 3.38 -> 3.60 / 3.73 ms. Four rows a warp for the output heads
+# only (38k blocks -> 9.5k): the 7B's head alone 231 -> 172 us, but tg128 295.5 -> 284 tok/s and
+# 0.5B 1382 -> 1360, about as slow with the heads left at one row a warp (283, 1365): the cost
+# of the code written for any rows a warp, not of the plan.
+
+
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
     """(UNROLL, KS, RW, PRE, SK) of a decode product of `rows` rows of n_units units, nbytes of
     weights. Rows are split over KS warps only where there are too few rows to fill the card: a
@@ -540,6 +549,8 @@ def _make_adder(unit, EPI, RW, _row_unit):
 
 
 def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
+    # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
+    assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
     GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
