@@ -293,6 +293,12 @@ class CudaRunner:
         sampler.sample(self.s.logits[0], self.s.tokens[0:1], stream)
         _next_pos[1, 1, stream](self.s.pos)
 
+    def read_token(self) -> int:
+        """The token buffer's first id (a sampler's output), copied to the host, waited for."""
+        self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
+        self.stream.synchronize()
+        return int(self._host_tok[0])
+
     def _replay(self, sampler, pos):
         """Run the decode step at pos from its graph (two graphs a sampler: up to SHORT_CTX
         positions, and past them: attention's plan), capturing it the first time: that step
@@ -341,9 +347,7 @@ class CudaRunner:
         if ptx.SIM:   # no graphs, no queue: step, wait, read
             self._feed(token, pos)
             self._replay(sampler, pos)
-            self.s.tokens[0:1].copy_to_host(self._host_tok, stream=self.stream)
-            self.stream.synchronize()
-            tok = int(self._host_tok[0])
+            tok = self.read_token()
             self._ahead = (tok, pos + 1)
             return tok
         if self._queued != (token, pos, key):
@@ -375,9 +379,7 @@ class CudaStepper:
         s = r.s
         tok = self.sampler.sample(s.logits[0], s.tokens[0:1], r.stream)
         if tok is None:  # sampled on the device: the id comes back through the token buffer
-            s.tokens[0:1].copy_to_host(r._host_tok, stream=r.stream)
-            r.stream.synchronize()
-            tok = int(r._host_tok[0])
+            tok = r.read_token()
         r._ahead = None
         return tok
 
