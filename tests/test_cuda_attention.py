@@ -85,6 +85,13 @@ def test_decode_one_split(rng, T, quant, workspace):
         quant=quant, short=True, workspace=workspace)
 
 
+def test_decode_one_head_a_block_window_several_trips(rng):
+    # One query head a block (MHA) loads each trip's K and V rows ahead (AHEAD): 200 windowed
+    # keys in one block, two trips, the second partial; DV = 96, so a lane's second V word is
+    # partial too.
+    run(rng, T=1, pos0=299, n_head=2, n_head_kv=2, D=64, DV=96, n_ctx=304, window=200, workspace=False)
+
+
 def test_decode_combine_quantizes_for_the_next_product(rng):
     run(rng, T=2, pos0=150, n_head=4, n_head_kv=2, D=64, DV=64, n_ctx=160, n_split=3, quant=True)
 

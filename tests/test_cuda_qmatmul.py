@@ -152,6 +152,29 @@ def test_decode_plans(rng, monkeypatch, plan):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
+@pytest.mark.parametrize("name,K", [("Q6_K", 1280), ("Q8_0", 256)])
+def test_decode_output_head(rng, monkeypatch, name, K):
+    """The output heads' kernel (HEAD_ROWS lowered so that a small matrix takes it): 4 rows a
+    warp, the rows ending inside the last block, a second unit a lane (Q6_K: 40 units a row),
+    and the input as the last layer's product leaves it: the q8 of x * norm weight, 1 / rms(x)
+    still to apply (ActBuffers.pending)."""
+    monkeypatch.setattr(qm, "HEAD_ROWS", 1)
+    N, eps = 37, 1e-6
+    raw = case(rng, name, N, K)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(1, K)
+    ops.quantize_act(act, cuda.to_device(x * nw), 1, 0)
+    ss = (x.astype(np.float64).reshape(-1, 32) ** 2).sum(axis=1).astype(np.float32)
+    act = act.pending(cuda.to_device(ss), eps)
+    out = cuda.to_device(np.full((1, N + 3), 7.0, np.float32))
+    qm.qmatmul(out, qm.upload(raw, Q[name], K), act, 1, 0, col=2)
+    got = out.copy_to_host()
+    rms = np.sqrt((x.astype(np.float64) ** 2).mean() + eps)
+    check(got[:, 2:2 + N], qm.qmatmul_ref(raw, Q[name], K, x * nw) / rms, K)
+    assert np.all(got[:, :2] == 7.0) and np.all(got[:, 2 + N:] == 7.0), "wrote outside its columns"
+
+
 @pytest.mark.parametrize("neox,together", [(True, True), (False, False)])
 def test_decode_rope_epilogue(rng, neox, together):
     """Decoding, the Q/K/V product that rotates q and k itself and writes the cache
