@@ -20,10 +20,11 @@ size that the registers allow, at most 8):
   sees; the chunk length is worked out on the device from pos[0], so at any context length the
   work spreads over the splits (a short context uses a few, the others exit at once). Each warp
   takes 32 consecutive keys at a time, one key a lane: the lane's K row arrives in 16-byte loads
-  (`ptx.ldg4`, 4 in flight; with one query head a block, the whole K row and the warp's 32 V rows
-  at once, the first trip's while q is staged: AHEAD) and its scores for the HB heads are plain per-lane dots against q in
-  shared memory (broadcast reads, two dims a load: no shuffle per key); one `warp_max` per head
-  and 32 keys updates the running max; then the lanes switch to the head dimension for p * V,
+  (`ptx.ldg4`, 4 in flight; with one query head a block, the whole K row and the warp's 32 V
+  rows at once, the first trip's while q is staged: AHEAD) and its scores for the HB heads are
+  plain per-lane dots against q in shared memory (broadcast reads, two dims a load: no shuffle
+  per key); one `warp_max` per head and 32 keys updates the running max; then the lanes switch
+  to the head dimension for p * V,
   each V row one coalesced 128-byte warp load per 64 dims, 8-16 rows in flight. The 4 warps'
   (max, sum, acc) meet in shared memory at the end. Where only one split has keys (a context of
   up to KEYS positions, or one split in all) the block writes `out`; else (o, max, sum) partials

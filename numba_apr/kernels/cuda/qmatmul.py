@@ -23,9 +23,10 @@ batches: each weight is read once per NT tokens).
 
 Launch: one warp per output row, 4 warps a block, lanes strided over the row's units; the 32
 partial sums meet in a butterfly (`ptx.warp_sum`). Decoding, a plan per shape (`_plan`) may
-split a long row over 2-4 warps or give a warp two short rows; an output head (a vocabulary of
-rows) has a kernel of its own, four rows a warp (`_make_head_kernel`). Epilogue: + bias, and either
-store or add into the output (the residual stream), selected by an argument; decoding, also the
+split a long row over 2-4 warps or give a warp two short rows, and its first trip's weights
+are loaded before the kernel ahead has finished; an output head (a vocabulary of rows) has a
+kernel of its own, four rows a warp (`_make_head_kernel`). Epilogue: + bias, and either store
+or add into the output (the residual stream), selected by an argument; decoding, also the
 next product's q8 input (`qmatmul_quant`, `qmatmul_gated`), or RoPE and the KV-cache write
 (`qmatmul_rope`): see `_make_decode_kernel`.
 
