@@ -207,6 +207,14 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                 if FULLV or w < DVW:
                     vv[jj * NWV + c] = vw[vb + w]
 
+    @cuda_jit(device=True, inline=True)
+    def load_trip(kr, vv, kw, vw, k0, c1, kstride, vstride, kvh, lane):
+        """AHEAD: the K row of this lane's key k0 + lane and the V words of the warp's keys k0 ..
+        k0 + 32 (none where the warp has no keys left)."""
+        load_k(kr, kw, min(k0 + lane, c1 - 1) * kstride + kvh * DW, 0)
+        if k0 < c1:
+            load_v(vv, vw, k0, c1, vstride, kvh, lane)
+
     @overlapped
     @cuda_jit
     def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split,
@@ -241,10 +249,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         kr = cuda.local.array(KB, np.uint32)
         vv = cuda.local.array(NVV, np.uint32)
         if AHEAD:    # the first trip's K and V rows in flight while q is staged
-            k0 = c0 + warp * 32
-            load_k(kr, kw, min(k0 + lane, c1 - 1) * kstride + kvh * DW, 0)
-            if k0 < c1:
-                load_v(vv, vw, k0, c1, vstride, kvh, lane)
+            load_trip(kr, vv, kw, vw, c0 + warp * 32, c1, kstride, vstride, kvh, lane)
         for i in range(tid, HB * D, NT):
             hh = i // D
             d = i - hh * D
@@ -311,10 +316,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                                     acc[hh, 2 * c + 1] += pj[hh] * vhi
             _syncwarp()
             if AHEAD and kb + KEYS < c1:      # the next trip's rows
-                kn = k0 + KEYS
-                load_k(kr, kw, min(kn + lane, c1 - 1) * kstride + kvh * DW, 0)
-                if kn < c1:
-                    load_v(vv, vw, kn, c1, vstride, kvh, lane)
+                load_trip(kr, vv, kw, vw, k0 + KEYS, c1, kstride, vstride, kvh, lane)
 
         # Merge the 4 warps' (max, sum, acc) per head: the output itself where this is the only
         # split with keys, else this split's partial (o, max, sum).

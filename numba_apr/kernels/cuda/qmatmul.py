@@ -549,20 +549,6 @@ def _rms_scale(ss_in, eps, lane):
     return np.float32(1.0) / math.sqrt(s / np.float32(32 * ss_in.shape[0]) + eps)
 
 
-def _make_adder(unit, EPI, RW, _row_unit):
-    @cuda_jit(device=True, inline=True)
-    def add_units(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u, keep, xq, xd, xs):
-        """acc += keep * unit u of the warp's rows r (and r1) (and, gated, of their up rows)."""
-        acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u, xq, xd, xs)
-        if RW == 2:
-            acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r1, rows - 1), u, xq, xd, xs)
-        if EPI == EPI_GATED:
-            acc[RW] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r + half, u, xq, xd, xs)
-            if RW == 2:
-                acc[RW + 1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r1 + half, u, xq, xd, xs)
-    return add_units
-
-
 def _make_fetcher(unit, EPI, RW, unit_dot):
     """(fetch, dots): fetch loads unit u of the warp's rows (as add_units orders them) into the
     register arrays qa / fa / ea from slot i0 on; dots adds their products with the activations."""
@@ -608,12 +594,29 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
     GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
     NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
-    row_unit = _row_unit_shared if SK else _row_unit
-    add1 = _make_adder(unit, EPI, RW, row_unit)
-    add2 = _make_adder(unit2, EPI, RW, row_unit) if TWO else add1
     fetch1, dots = _make_fetcher(unit, EPI, RW, _unit_dot_shared if SK else _unit_dot)
     fetch2 = _make_fetcher(unit2, EPI, RW, _unit_dot)[0] if TWO else fetch1
-    NP = NA * UNROLL                     # units a lane loads before the wait (its first trip)
+    NP = NA * UNROLL                     # units a lane holds: a trip's
+
+    @cuda_jit(device=True, inline=True)
+    def fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, u1):
+        """A trip's units into registers: u0 (and with UNROLL 2, u1) of the warp's rows, from
+        the matrix the block takes."""
+        if TWO and second:
+            fetch2(qa, fa, ea, 0, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0)
+            if UNROLL == 2:
+                fetch2(qa, fa, ea, NA, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1)
+        else:
+            fetch1(qa, fa, ea, 0, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0)
+            if UNROLL == 2:
+                fetch1(qa, fa, ea, NA, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1)
+
+    @cuda_jit(device=True, inline=True)
+    def dots_trip(acc, qa, fa, ea, keep0, keep1, xq, xd, xs):
+        """acc += a fetched trip's products, unit u0's weighted keep0 and u1's keep1."""
+        dots(acc, qa, fa, ea, 0, keep0, xq, xd, xs)
+        if UNROLL == 2:
+            dots(acc, qa, fa, ea, NA, keep1, xq, xd, xs)
     NTHR = 32 * NWB
     # shared shapes: plain constants, never 0 (sq: 3 words spare for aligned16)
     SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) // 32, max(SK, 32) // 16
@@ -659,14 +662,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
         ea = cuda.local.array((NP, 2), np.int64)
         ua = lane + 32 * kw
         ub = ua + 32 * KS
-        if TWO and second:
-            fetch2(qa, fa, ea, 0, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(ua, n_units - 1))
-            if UNROLL == 2:
-                fetch2(qa, fa, ea, NA, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(ub, n_units - 1))
-        else:
-            fetch1(qa, fa, ea, 0, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(ua, n_units - 1))
-            if UNROLL == 2:
-                fetch1(qa, fa, ea, NA, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, min(ub, n_units - 1))
+        fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half,
+                   min(ua, n_units - 1), min(ub, n_units - 1))
         ptx.grid_dep()
         if SK:
             # The q8 activations, staged in shared memory once a block: the products' reads of
@@ -693,23 +690,12 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
             acc[j] = 0.0
         one = np.float32(1.0)
         zero = np.float32(0.0)
-        dots(acc, qa, fa, ea, 0, one if ua < n_units else zero, xq, xd, xs)
-        if UNROLL == 2:
-            dots(acc, qa, fa, ea, NA, one if ub < n_units else zero, xq, xd, xs)
+        dots_trip(acc, qa, fa, ea, one if ua < n_units else zero, one if ub < n_units else zero, xq, xd, xs)
         for u0 in range(ua + 32 * KS * UNROLL, n_units, 32 * KS * UNROLL):
-            if TWO and second:
-                add2(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
-            else:
-                add1(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, one, xq, xd, xs)
-            if UNROLL == 2:
-                # a second unit a lane in the same trip (written out: a loop over the two stays
-                # a loop in the PTX, one load in flight), weighted 0 past the row's end
-                u1 = min(u0 + 32 * KS, n_units - 1)
-                keep = one if u0 + 32 * KS < n_units else np.float32(0.0)
-                if TWO and second:
-                    add2(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1, keep, xq, xd, xs)
-                else:
-                    add1(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1, keep, xq, xd, xs)
+            # (the second unit, with UNROLL 2, weighted 0 past the row's end)
+            u1 = min(u0 + 32 * KS, n_units - 1)
+            fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, u1)
+            dots_trip(acc, qa, fa, ea, one, one if u0 + 32 * KS < n_units else zero, xq, xd, xs)
         scale = _rms_scale(ss_in, eps, lane)
         for j in range(NA):
             acc[j] = ptx.warp_sum(acc[j]) * scale
