@@ -163,6 +163,32 @@ def test_decode_plans(rng, monkeypatch, plan):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
+@pytest.mark.parametrize("plan,K,gated", [((1, 1, 1, True, 0), 2048, False), ((2, 4, 1, False, 0), 512, False),
+                                           ((1, 1, 2, True, 0), 256, True)])
+def test_decode_product_quantizes_its_input(rng, monkeypatch, plan, K, gated):
+    """Decoding, the input left as rmsnorm(x) * w unquantized (ActBuffers.normed): the product
+    quantizes it into shared memory itself (QIN), 8 values a thread, in two passes of the
+    block's 128 threads (K = 2048) or one of 512 (rows split over 4 warps), and through the
+    gated epilogue (two rows a warp) = the product of q8(x * w), scaled by 1 / rms(x)."""
+    from numba_apr.kernels.cpu.ops import gated_act_ref
+    monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi, nbytes: plan)
+    N, eps = 8, 1e-6
+    raw = case(rng, "Q4_K", 2 * N if gated else N, K)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(1, K).normed(cuda.to_device(x), cuda.to_device(nw), eps)
+    rms = np.sqrt((x.astype(np.float64) ** 2).mean() + eps)
+    want = qm.qmatmul_ref(raw, Q.Q4_K, K, x * nw) / rms
+    m = qm.upload(raw, Q.Q4_K, K)
+    if gated:
+        nxt = qm.qmatmul_gated(m, act, 0, ops.ActBuffers.allocate(1, N), ops.MODE_SILU)
+        check(nxt.xf.copy_to_host(), gated_act_ref(want[:, :N], want[:, N:], False), K)
+    else:
+        out = cuda.to_device(np.zeros((1, N), np.float32))
+        qm.qmatmul(out, m, act, 1, 0)
+        check(out.copy_to_host(), want, K)
+
+
 @pytest.mark.parametrize("name,K", [("Q6_K", 1280), ("Q8_0", 256)])
 def test_decode_output_head(rng, monkeypatch, name, K):
     """The output heads' kernel (HEAD_ROWS lowered so that a small matrix takes it): 4 rows a

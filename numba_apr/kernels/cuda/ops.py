@@ -43,6 +43,8 @@ class ActBuffers:
                         # whose 1 / rms(x) is still to apply: these are x's sums of squares per 32
     eps: float = 0.0    # that norm's epsilon
     count: object = None  # int32 [K/32], zeros between launches: the decode epilogues' counters (qmatmul.py)
+    nw: object = None   # float32 [K] or None: with it, no q8 yet: the input is rmsnorm(xf) * nw, which
+                        # the decode product quantizes itself (qmatmul's QIN)
 
     def __post_init__(self):
         if self.ss is None:
@@ -69,6 +71,11 @@ class ActBuffers:
         return self._view(K, lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
                                                 self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
                                                 count=self.count))
+
+    def normed(self, x, w, eps: float) -> "ActBuffers":
+        """Decoding: the input rmsnorm(x) * w (x: [1, K] float32), left for the product to quantize."""
+        return self._view(("norm", id(x), id(w), eps), lambda: ActBuffers(x, self.xq, self.xd, self.xs, self.empty,
+                                                                          self.xq8, eps=eps, count=self.count, nw=w))
 
     def pending(self, ss, eps: float) -> "ActBuffers":
         """This view with an RMS norm's 1 / rms still to apply (sums of squares ss, epsilon eps)."""

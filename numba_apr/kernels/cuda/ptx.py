@@ -16,7 +16,8 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   multiprocessor's L1 might hold stale;
 * `f16_bits(h)` / `f32_bits(u)`: the float32 value of f16 / f32 bit patterns (`cvt` / `mov`);
 * `warp_sum(v)` / `warp_max(v)`: a butterfly over the 32 lanes of a warp (`shfl.sync.bfly`);
-  every lane gets the result;
+  every lane gets the result; `lanes_sum(v, n)` / `lanes_max(v, n)` the same over each n
+  (2, 4, .., 32) neighbouring lanes;
 * `mma_s8(a0, a1, b0)`: one int8 tensor-core product of the warp, D[16x8] = A[16x16] B[16x8]
   (`mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32`). With g = lane // 4, q = lane % 4, each
   lane holds A's row g bytes 4q..4q+3 (a0) and row g+8's (a1), B's column g, rows 4q..4q+3 (b0),
@@ -106,13 +107,13 @@ if SIM:
     def f32_bits(u):
         return np.array([int(u) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
 
-    def _warp_reduce(v, op, shared, tid, nthreads, sync):
+    def _warp_reduce(v, op, shared, tid, nthreads, sync, n=32):
         buf = shared.array(1024, np.float64)  # one per block (the simulator keys it by line)
         sync()
         buf[tid] = v
         sync()
-        base = tid - tid % 32
-        r = op(buf[base:base + min(32, nthreads - base)])
+        base = tid - tid % n
+        r = op(buf[base:base + min(n, nthreads - base)])
         sync()
         return float(r) if isinstance(v, float) else type(v)(r)
 
@@ -166,6 +167,18 @@ if SIM:
         t, b = cuda.threadIdx, cuda.blockDim
         return _warp_reduce(v, np.max, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
                             cuda.syncthreads)
+
+    @cuda.jit(device=True)
+    def lanes_sum(v, n):
+        t, b = cuda.threadIdx, cuda.blockDim
+        return _warp_reduce(v, np.sum, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
+                            cuda.syncthreads, n)
+
+    @cuda.jit(device=True)
+    def lanes_max(v, n):
+        t, b = cuda.threadIdx, cuda.blockDim
+        return _warp_reduce(v, np.max, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
+                            cuda.syncthreads, n)
 
 else:
     from llvmlite import ir
@@ -369,4 +382,20 @@ else:
     def warp_max(v):
         for m in (16, 8, 4, 2, 1):
             v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def lanes_sum(v, n):
+        m = n >> 1
+        while m > 0:
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
+            m >>= 1
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def lanes_max(v, n):
+        m = n >> 1
+        while m > 0:
+            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
+            m >>= 1
         return v

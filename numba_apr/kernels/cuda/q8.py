@@ -7,8 +7,10 @@ by the kernel that computes the values: the products' epilogues (qmatmul: the re
 after wo / w_down, the gated activation after gate/up) and decode attention, so a decode step
 has no quantizer launches at all.
 
-`quant32` is the one quantizer: a warp holds 32 values, one a lane. `gated` is the activation of
-a gated feed-forward, act(gate) * up.
+`quant32` quantizes 32 values a warp holds, one a lane; `quant8` the same block from 4 threads
+of 8 values each, for a block that quantizes its own input into shared memory (a decode
+product's QIN, qmatmul.py): both give the same q8. `gated` is the activation of a gated
+feed-forward, act(gate) * up.
 """
 import math
 
@@ -57,3 +59,45 @@ def quant32(v, store, xq8, xd, xs, t, b):
             xd[t, b] = amax / np.float32(127.0)
             xs[t, 2 * b] = lo
             xs[t, 2 * b + 1] = hi
+
+
+@cuda_jit(device=True)
+def quant8(x, w, t, i, store, xq, xd, xs, ss):
+    """Values 8i .. 8i + 8 of x[t] * w, a quarter of q8 block i // 4, quantized by the block's 4
+    neighbouring threads together (a collective of the 4 lanes; see ptx.py): two words of quants
+    into xq[0, 2i ..], from the block's first thread its scale xd[0, i // 4] and ss[i // 4], the
+    sum of x's squares (the norm's, see ops.ActBuffers.ss), from each half's first its sum xs;
+    written only when `store`. The 8 values a thread are 32 contiguous bytes, so a warp's loads
+    cover 1 KB without gaps, and a 32-value block needs two shuffles, not quant32's five."""
+    e = 8 * i
+    z = cuda.local.array(8, np.float32)
+    s2 = np.float32(0.0)
+    amax = np.float32(0.0)
+    for j in range(8):
+        v = x[t, e + j]
+        s2 += v * v
+        z[j] = v * w[e + j]
+        amax = max(amax, abs(z[j]))
+    amax = ptx.lanes_max(amax, 4)
+    s2 = ptx.lanes_sum(s2, 4)
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    lo, hi, n = 0, 0, 0
+    for j in range(4):
+        a, b = round_away(z[j] * inv), round_away(z[4 + j] * inv)
+        n += a + b
+        # (the top byte signed: the word is then a valid int32 as it stands)
+        if j == 3:
+            lo |= a << 24
+            hi |= b << 24
+        else:
+            lo |= (a & 0xFF) << (8 * j)
+            hi |= (b & 0xFF) << (8 * j)
+    n = ptx.lanes_sum(n, 2)
+    if store:
+        xq[0, 2 * i] = lo
+        xq[0, 2 * i + 1] = hi
+        if (i & 3) == 0:
+            xd[0, i >> 2] = amax / np.float32(127.0)
+            ss[i >> 2] = s2
+        if (i & 1) == 0:
+            xs[0, i >> 1] = n

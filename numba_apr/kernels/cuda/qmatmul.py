@@ -28,7 +28,9 @@ are loaded before the kernel ahead has finished; an output head (a vocabulary of
 kernel of its own, four rows a warp (`_make_head_kernel`). Epilogue: + bias, and either store
 or add into the output (the residual stream), selected by an argument; decoding, also the
 next product's q8 input (`qmatmul_quant`, `qmatmul_gated`), or RoPE and the KV-cache write
-(`qmatmul_rope`): see `_make_decode_kernel`.
+(`qmatmul_rope`): see `_make_decode_kernel`. Decoding a small model, a product may instead take
+rmsnorm(x) * w unquantized and quantize it into shared memory itself (`ActBuffers.normed`,
+QIN_MAX_K).
 
 Prompts (T >= MMA_MIN_T) go to the int8 tensor cores instead (`_make_mma_kernel`, inline
 `mma.sync` from ptx.py): a block decodes a 128-row x 128-column weight tile through the same
@@ -57,7 +59,7 @@ from ..._numba import cuda_jit
 from ...errors import NumbaAprError
 from . import ptx
 from .launch import launch, overlapped
-from .q8 import gated, quant32
+from .q8 import gated, quant8, quant32
 
 WARPS = 4            # rows (warps) per block
 PREFILL_NT = 8       # tokens per block for prompts
@@ -489,6 +491,26 @@ PREFETCH_BYTES = int(PREFETCH_BYTES)
 # 51.4 us and the output head 240 -> 297 us slower: a block's staging round trip and bytes
 # (a third of its weights') outweigh a few L1 reads.
 STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
+# Decoding, products whose input x (the residual stream) has up to QIN_MAX_K values quantize
+# rmsnorm(x) * w themselves (QIN, see the kernel); the products that write x then end without
+# EPI_QUANT's tail (a fence, a counter, the last block's read-back). Measured on an H100, chained
+# decode steps at position 64:
+#   - tails dropped, results wrong (timing only): 0.5B 0.605 -> 0.526 ms, 7B 3.132 -> 2.948 (and
+#     with EPI_GATED's too: 0.497 / 2.776). An upper bound: the consumers then read a q8 that
+#     no kernel had changed, which their L1 may have held;
+#   - QIN: 0.5B (K = 896) 0.606 -> 0.571 ms, but 1.5B (K = 1536) 1.240 -> 1.284: every block
+#     reads x (4 bytes a value, not q8's 1.1) and the norm's weights from L2 after the wait, a
+#     burst that grows with K and with the blocks (1.5B gate/up: 1,120), so only the 0.5B's
+#     size gains. NUMBA_APR_QIN_MAX_K sets the bound (to measure it).
+# Tried and not kept: the norm's weights into shared memory before the wait (0.5B 0.571 -> 0.692
+# ms, 7B 3.13 -> 4.41, not understood); the tails' 32-value groups gathered in thread block
+# clusters (a cluster barrier and stores into the first block's shared memory, no fence, counter
+# or read-back): 0.5B 0.602 -> 0.599 ms, 1.5B 1.240 -> 1.262, 7B 3.140 -> 3.336, so the counters'
+# round trips were not what the tails cost.
+QIN_MAX_K = os.environ.get("NUMBA_APR_QIN_MAX_K", "1024")
+if not QIN_MAX_K.isdigit():
+    raise NumbaAprError(f"NUMBA_APR_QIN_MAX_K must be a number, got {QIN_MAX_K!r}")
+QIN_MAX_K = int(QIN_MAX_K)
 
 
 # Tried and not kept (H100, same host as the code before): four units a lane a trip for the
@@ -586,7 +608,7 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
     return fetch, dots
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
     NR = 2 if EPI == EPI_GATED else 1
@@ -623,7 +645,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
 
     @overlapped
     @cuda_jit
-    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps,
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps, xf_in, nw_in,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
                pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox,
                w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2, nb1):
@@ -665,7 +687,21 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None):
         fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half,
                    min(ua, n_units - 1), min(ub, n_units - 1))
         ptx.grid_dep()
-        if SK:
+        if QIN:
+            # The input as the product ahead left it (x, the residual stream): the block
+            # quantizes rmsnorm(x) * nw_in into shared memory itself, 8 values a thread, its
+            # 1 / rms applied to the results as with ss_in. The product ahead then needs no
+            # quantizing tail (see QIN_MAX_K).
+            sq = ptx.aligned16(cuda.shared.array((1, SQ), np.int32))
+            sd = cuda.shared.array((1, SD), np.float32)
+            sx = cuda.shared.array((1, SX), np.int32)
+            s2 = cuda.shared.array(SD, np.float32)
+            for i0 in range(0, SK // 8, NTHR):          # (block-uniform trips: quant8 is a collective)
+                i = i0 + cuda.threadIdx.x
+                quant8(xf_in, nw_in, 0, min(i, SK // 8 - 1), i < SK // 8, sq, sd, sx, s2)
+            cuda.syncthreads()
+            xq, xd, xs, ss_in = sq, sd, sx, s2
+        elif SK:
             # The q8 activations, staged in shared memory once a block: the products' reads of
             # them then make no L1 lookups (a probe without those reads ran the 7B's big
             # products 13-25% faster; see STAGE_MIN_K for where staging pays).
@@ -1060,18 +1096,18 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None):
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
-    or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type),
-    or with epi "head" the output head's, plan (UNROLL,)."""
-    key = (qtype, NT, tc, epi, plan, qtype2)
+    or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type;
+    qin: it quantizes its input itself), or with epi "head" the output head's, plan (UNROLL,)."""
+    key = (qtype, NT, tc, epi, plan, qtype2, qin)
     k = _KERNELS.get(key)
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
             _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
             else _make_head_kernel(unit, *plan) if epi == "head"
-            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2])
+            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin)
             if epi is not None else _make_kernel(unit, NT))
     return k
 
@@ -1083,6 +1119,8 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     (graph-capturable). (`col` rather than a column slice of out: see ActBuffers.cols on what
     slicing costs.)"""
     bias = act.empty if bias is None else bias
+    assert act.nw is None or (T == 1 and m.qtype not in FLOAT_TYPES and m.rows < HEAD_ROWS), \
+        "only decode products of quantized matrices quantize their input themselves"
     grid_x = (m.rows + WARPS - 1) // WARPS
     if m.qtype in FLOAT_TYPES:
         launch(_float_kernel, grid_x, 32 * WARPS, stream, out, col, m.w, FLOAT_TYPES[m.qtype], m.K, m.rows,
@@ -1169,12 +1207,16 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     """The decode kernel for n_out output rows (gated: n_out = half); m2: RoPE's second matrix."""
     qtype2 = None if m2 is None else m2.qtype
     plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if m2 is None else m2.nbytes))
+    qin = act.nw is not None
+    if qin:                       # the input staged in shared memory: quantized there (QIN)
+        plan = plan[:4] + (m.K,)
     _, KS, RW, _, _ = plan
     per_block = WARPS * RW
-    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2), (n_out + per_block - 1) // per_block,
+    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin), (n_out + per_block - 1) // per_block,
            32 * WARPS * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
-        act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate, half, mode, nw,
+        act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), act.xf, act.empty if act.nw is None else act.nw,
+        bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count,
         *(rope or _placeholders()[0] + _placeholders()[1]))
 
