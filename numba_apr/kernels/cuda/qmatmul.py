@@ -502,8 +502,9 @@ STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 #     reads x (4 bytes a value, not q8's 1.1) and the norm's weights from L2 after the wait, a
 #     burst that grows with K and with the blocks (1.5B gate/up: 1,120), so only the 0.5B's
 #     size gains. NUMBA_APR_QIN_MAX_K sets the bound (to measure it).
-# Tried and not kept: the norm's weights into shared memory before the wait (0.5B 0.571 -> 0.692
-# ms, 7B 3.13 -> 4.41, not understood); the tails' 32-value groups gathered in thread block
+# Tried and not kept: the norm's weights into shared memory before the wait (0.5B 0.692 ms against
+# 0.571 without; 7B 4.41 against 3.13 with no QIN at all, QIN without it not measured there; not
+# understood); the tails' 32-value groups gathered in thread block
 # clusters (a cluster barrier and stores into the first block's shared memory, no fence, counter
 # or read-back): 0.5B 0.602 -> 0.599 ms, 1.5B 1.240 -> 1.262, 7B 3.140 -> 3.336, so the counters'
 # round trips were not what the tails cost.
