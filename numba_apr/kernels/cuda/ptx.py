@@ -107,7 +107,7 @@ if SIM:
     def f32_bits(u):
         return np.array([int(u) & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
 
-    def _warp_reduce(v, op, shared, tid, nthreads, sync, n=32):
+    def _warp_reduce(v, op, shared, tid, nthreads, sync, n):
         buf = shared.array(1024, np.float64)  # one per block (the simulator keys it by line)
         sync()
         buf[tid] = v
@@ -157,18 +157,6 @@ if SIM:
         pass
 
     @cuda.jit(device=True)
-    def warp_sum(v):
-        t, b = cuda.threadIdx, cuda.blockDim
-        return _warp_reduce(v, np.sum, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
-                            cuda.syncthreads)
-
-    @cuda.jit(device=True)
-    def warp_max(v):
-        t, b = cuda.threadIdx, cuda.blockDim
-        return _warp_reduce(v, np.max, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
-                            cuda.syncthreads)
-
-    @cuda.jit(device=True)
     def lanes_sum(v, n):
         t, b = cuda.threadIdx, cuda.blockDim
         return _warp_reduce(v, np.sum, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
@@ -179,6 +167,14 @@ if SIM:
         t, b = cuda.threadIdx, cuda.blockDim
         return _warp_reduce(v, np.max, cuda.shared, t.x + b.x * (t.y + b.y * t.z), b.x * b.y * b.z,
                             cuda.syncthreads, n)
+
+    @cuda.jit(device=True)
+    def warp_sum(v):
+        return lanes_sum(v, 32)
+
+    @cuda.jit(device=True)
+    def warp_max(v):
+        return lanes_max(v, 32)
 
 else:
     from llvmlite import ir
@@ -373,18 +369,6 @@ else:
             _prefetch_l2(a, lo, 4 * (hi - lo))
 
     @cuda.jit(device=True, inline=True)
-    def warp_sum(v):
-        for m in (16, 8, 4, 2, 1):
-            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
-        return v
-
-    @cuda.jit(device=True, inline=True)
-    def warp_max(v):
-        for m in (16, 8, 4, 2, 1):
-            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
-        return v
-
-    @cuda.jit(device=True, inline=True)
     def lanes_sum(v, n):
         m = n >> 1
         while m > 0:
@@ -399,3 +383,11 @@ else:
             v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
             m >>= 1
         return v
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum(v):
+        return lanes_sum(v, 32)
+
+    @cuda.jit(device=True, inline=True)
+    def warp_max(v):
+        return lanes_max(v, 32)

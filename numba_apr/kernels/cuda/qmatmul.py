@@ -372,7 +372,7 @@ def _dots(load4):
 
 
 _unit_dot, _row_unit = _dots(ptx.ldg4_2d)
-_unit_dot_shared, _row_unit_shared = _dots(ptx.ld4_2d)
+_unit_dot_shared = _dots(ptx.ld4_2d)[0]
 
 
 @cuda_jit(device=True)
@@ -573,8 +573,9 @@ def _rms_scale(ss_in, eps, lane):
 
 
 def _make_fetcher(unit, EPI, RW, unit_dot):
-    """(fetch, dots): fetch loads unit u of the warp's rows (as add_units orders them) into the
-    register arrays qa / fa / ea from slot i0 on; dots adds their products with the activations."""
+    """(fetch, dots): fetch loads unit u of the warp's rows (r, then r1 with two rows a warp,
+    then their up rows where gated) into the register arrays qa / fa / ea from slot i0 on; dots
+    adds their products with the activations."""
     @cuda_jit(device=True, inline=True)
     def put(qa, fa, ea, i, v):
         qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = v[0], v[1], v[2], v[3]
