@@ -109,28 +109,44 @@ def test_prompt_and_decode_match_cpu(rng, arch):
 def test_device_generation_step(rng):
     """decode_sample: forward + greedy sampling on the device + position increment; the token
     it returns is the argmax of that step's logits, and the next step uses it from the device.
-    Each call also queues the following step on the device's token: a caller that feeds another
-    token (here at position 8) gets that token's step, and the last position of the context
-    (15) queues nothing past it."""
+    A graph runs 3 steps here (runner.steps) whose ids come back together, and each call also
+    queues the following graph on the device's token: a caller that feeds another token (here
+    at position 8, inside a graph's steps) gets that token's step, the last positions of the
+    context (14, 15) run one step a graph and queue nothing past 15, and after a new prompt no
+    id read before answers a call."""
     from numba_apr.kernels.cuda.sampling import DeviceSampler
     from numba_apr.sampling import SamplingParams
     c = tiny_config("qwen2")
     w = tiny_weights(rng, c)
     ids = rng.integers(0, N_VOCAB, 4).astype(np.int32)
     r = CudaRunner(c, w, 16, 8)
+    r.steps = 3
     sampler = DeviceSampler(c.n_vocab, SamplingParams(temperature=0.0), 16)
-    sampler.set_history(ids, r.stream)
-    r.eval(ids, 0)
-    tok = int(np.argmax(r.logits_host(False, 1)[0]))
+
+    def check(seq, nxt):
+        want = cpu_logits(c, w, seq)[-1]
+        assert nxt == int(np.argmax(want)) or np.sort(want)[-1] - np.sort(want)[-2] < 0.05, (nxt, seed_msg())
+
+    def prompt(p_ids):
+        sampler.set_history(p_ids, r.stream)
+        r.eval(p_ids, 0)
+        return int(np.argmax(r.logits_host(False, 1)[0]))
+
+    tok = prompt(ids)
     seq = list(ids)
     for p in range(len(ids), 16):
         if p == 8:
             tok = (tok + 1) % N_VOCAB
         nxt = r.decode_sample(tok, p, sampler)
         seq.append(tok)
-        want = cpu_logits(c, w, seq)[-1]
-        assert nxt == int(np.argmax(want)) or np.sort(want)[-1] - np.sort(want)[-2] < 0.05, (nxt, seed_msg())
+        check(seq, nxt)
         tok = nxt
+    # a graph's ids read (positions 4..6), then a new prompt over those positions
+    tok = prompt(ids)
+    r.decode_sample(tok, len(ids), sampler)
+    ids2 = (ids + 1) % N_VOCAB
+    prompt(ids2)
+    check(list(ids2) + [tok], r.decode_sample(tok, len(ids), sampler))
 
 
 def seed_msg():
