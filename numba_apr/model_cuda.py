@@ -392,9 +392,8 @@ class CudaRunner:
             self._ahead = (tok, pos + 1)
             return tok
         d = self._done
-        if d is not None and d.key == key and d.p0 <= pos < d.p0 + d.n and \
-                token == (d.token if pos == d.p0 else d.ids[pos - d.p0 - 1]):
-            return d.ids[pos - d.p0]
+        if d is not None and d.key == key and d.p0 < pos < d.p0 + d.n and token == d.ids[pos - d.p0 - 1]:
+            return d.ids[pos - d.p0]       # (a call repeated at d.p0 gets a step of its own)
         q = self._queued
         if q is None or (q.key, q.p0, q.token) != (key, pos, token):
             self._feed(token, pos)

@@ -501,7 +501,9 @@ STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 #   - QIN: 0.5B (K = 896) 0.606 -> 0.571 ms, but 1.5B (K = 1536) 1.240 -> 1.284: every block
 #     reads x (4 bytes a value, not q8's 1.1) and the norm's weights from L2 after the wait, a
 #     burst that grows with K and with the blocks (1.5B gate/up: 1,120), so only the 0.5B's
-#     size gains. NUMBA_APR_QIN_MAX_K sets the bound (to measure it).
+#     size gains. NUMBA_APR_QIN_MAX_K sets the bound (to measure it);
+#   - on the 0.5B, gate/up reading wo's quantizing tail instead (QIN for Q/K/V only): 0.574 ->
+#     0.586-0.590 ms, though gate/up is its slowest kernel (6.3 us replayed alone, 608 blocks).
 # Tried and not kept: the norm's weights into shared memory before the wait (0.5B 0.692 ms against
 # 0.571 without; 7B 4.41 against 3.13 with no QIN at all, QIN without it not measured there; not
 # understood); the tails' 32-value groups gathered in thread block
