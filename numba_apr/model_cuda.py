@@ -376,9 +376,9 @@ class CudaRunner:
         calls are answered from them without the device. Before waiting for a graph's ids, the
         next graph is queued too, on the device's own token: the GPU goes on while the host
         reads the ids and comes back (~50 us otherwise idle: the wait, the Python between two
-        calls, the graph launch). A caller that feeds anything else (or stops) gets a step of
-        its own: steps already run past that point wrote KV-cache rows and a position that
-        whatever runs next at those positions overwrites, as they would be."""
+        calls, the graph launch). A caller that feeds anything else (or stops) gets graphs of
+        its own from there: steps already run past that point wrote KV-cache rows and a position
+        that whatever runs next at those positions overwrites, as they would be."""
         key = id(sampler)
         if not ptx.SIM and not sampler.graph_capturable:
             self._feed(token, pos)
@@ -411,7 +411,8 @@ class CudaRunner:
 
 class CudaStepper:
     """The generation loop's stepper on the GPU: the prompt is evaluated eagerly, every token is
-    sampled on the device, and each following step is one graph replay (CudaRunner)."""
+    sampled on the device, and the following steps are replayed from graphs of DECODE_STEPS
+    (CudaRunner.decode_sample)."""
 
     def __init__(self, model, params):
         from .kernels.cuda.sampling import DeviceSampler
