@@ -360,6 +360,8 @@ class CudaRunner:
     def _queue(self, sampler, pos, token) -> _Chunk:
         """Replay the graph of steps from pos (`steps` of them, or one where fewer positions
         are left), then copy their ids to the host into the next slot (async)."""
+        if not 1 <= self.steps <= DECODE_STEPS:   # (_advance writes ring[j] unchecked)
+            raise NumbaAprError(f"steps a graph must be 1..{DECODE_STEPS}, got {self.steps}")
         n = self.steps if pos + self.steps <= self.s.n_ctx else 1
         ch = _Chunk(id(sampler), pos, n, token, self._n_queued & 1)
         self._n_queued += 1
@@ -401,7 +403,7 @@ class CudaRunner:
         nxt = pos + q.n
         self._queued = self._queue(sampler, nxt, None) if nxt < self.s.n_ctx else None
         self._events[q.slot].synchronize()
-        q.token, q.ids = token, [int(i) for i in self._slots[q.slot][:q.n]]
+        q.ids = [int(i) for i in self._slots[q.slot][:q.n]]
         self._done = q
         if self._queued is not None:
             self._queued.token = q.ids[-1]
