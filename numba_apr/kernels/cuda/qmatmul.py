@@ -523,6 +523,19 @@ QIN_MAX_K = int(QIN_MAX_K)
 # only (38k blocks -> 9.5k): the 7B's head alone 231 -> 172 us, but tg128 295.5 -> 284 tok/s and
 # 0.5B 1382 -> 1360, about as slow with the heads left at one row a warp (283, 1365): the cost
 # of the code written for any rows a warp, not of the plan.
+#
+# Also tried and not kept: fewer instructions a unit. ncu on the 7B's products found them bound
+# by instruction issue, not DRAM (gate/up: ~175 instructions a 32-weight unit, issue slots 56%
+# busy, DRAM throughput 54%). The causes: numba widens integer arithmetic to 64 bits, so a scale
+# byte became an int64 -> float32 conversion; each scalar index wraps negative values around (3
+# more 64-bit operations a load); and LLVM cannot merge the inline-asm activation loads, so gate
+# and up each loaded the same activations. The fixes: 32-bit unit arithmetic, plain loads
+# without the wraparound, and unit positions walked by constant steps. Together they cut the
+# instructions by 28%. Kernels replayed alone (H100): 7B gate/up 40.9 -> 38.0 us, down
+# 31.0 / 38.0 -> 24.4 / 34.9 (Q4_K / Q6_K), head 201 -> 189. But ptxas took more registers (the
+# 0.5B's gate/up 72 -> 86; its 512-thread down product 56 -> 72, one block a multiprocessor), and
+# tg128 on one host: with registers capped at 64, 7B 317 -> 322.5 tok/s but 0.5B 1,745 -> 1,505
+# (spills); on another host, without the cap, 0.5B 1,738 -> 1,680 (the 7B not measured so).
 
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
