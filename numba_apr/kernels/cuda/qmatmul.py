@@ -535,7 +535,8 @@ QIN_MAX_K = int(QIN_MAX_K)
 # 31.0 / 38.0 -> 24.4 / 34.9 (Q4_K / Q6_K), head 201 -> 189. But ptxas took more registers (the
 # 0.5B's gate/up 72 -> 86; its 512-thread down product 56 -> 72, one block a multiprocessor), and
 # tg128 on one host: with registers capped at 64, 7B 317 -> 322.5 tok/s but 0.5B 1,745 -> 1,505
-# (spills); on another host, without the cap, 0.5B 1,738 -> 1,680 (the 7B not measured so).
+# (spills); on another host, without the cap, 0.5B 1,738 -> 1,680 (the 7B not measured so); on a
+# third, capped for the 512-thread kernels only, 0.5B 1,676 and 7B 322.0.
 
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
