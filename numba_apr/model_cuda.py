@@ -16,6 +16,7 @@ runs eagerly.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,7 +266,7 @@ def _advance(pos, tokens, ring, j):
 class _Chunk:
     """Decode steps replayed from one graph: positions p0 .. p0 + n - 1, fed `token` at p0 (None
     while that is the device's own, not yet read), their ids copied into pinned slot `slot`."""
-    key: int
+    sampler: object
     p0: int
     n: int
     token: int | None
@@ -290,7 +291,10 @@ class CudaRunner:
         self.w = upload_weights(c, w)
         self.s = DeviceState(c, n_ctx, n_batch)
         self.steps = DECODE_STEPS   # steps a graph (tests lower it)
-        self.graphs = {}            # (sampler key, short context, steps) -> captured decode steps
+        # sampler -> {(short context, steps): captured decode steps}. A graph replays its sampler's
+        # buffers, so it lives and dies with that sampler: keyed by id(), a later sampler given a
+        # dead one's id would replay the dead one's graph (seen: freed buffers, an illegal address).
+        self.graphs = weakref.WeakKeyDictionary()
         self._host_tok = cuda.pinned_array(1, np.int32) if not ptx.SIM else np.zeros(1, np.int32)
         self._ahead = None          # (token, position) the device's inputs already hold
         # Graphs queued ahead (see decode_sample): two pinned slots for their ids, each with the
@@ -341,7 +345,8 @@ class CudaRunner:
         run eagerly (compiling any kernel not yet compiled), then the same launches are
         recorded, not run, into the graph that later calls replay."""
         short = pos + n <= SHORT_CTX
-        g = self.graphs.get((id(sampler), short, n))
+        graphs = self.graphs.setdefault(sampler, {})
+        g = graphs.get((short, n))
         if g is not None:
             g.launch(self.core_stream)
             return
@@ -350,7 +355,7 @@ class CudaRunner:
             gb = self.core_stream.create_graph_builder()
             gb.begin_building()
             self._steps(sampler, gb, short, n)
-            self.graphs[(id(sampler), short, n)] = gb.end_building().complete()
+            graphs[(short, n)] = gb.end_building().complete()
 
     def _feed(self, token, pos):
         """The device's inputs := (token, pos), unless they hold that already."""
@@ -363,7 +368,7 @@ class CudaRunner:
         if not 1 <= self.steps <= DECODE_STEPS:   # (_advance writes ring[j] unchecked)
             raise NumbaAprError(f"steps a graph must be 1..{DECODE_STEPS}, got {self.steps}")
         n = self.steps if pos + self.steps <= self.s.n_ctx else 1
-        ch = _Chunk(id(sampler), pos, n, token, self._n_queued & 1)
+        ch = _Chunk(sampler, pos, n, token, self._n_queued & 1)
         self._n_queued += 1
         self._replay(sampler, pos, n)
         self.s.ring.copy_to_host(self._slots[ch.slot], stream=self.stream)
@@ -381,7 +386,6 @@ class CudaRunner:
         calls, the graph launch). A caller that feeds anything else (or stops) gets graphs of
         its own from there: steps already run past that point wrote KV-cache rows and a position
         that whatever runs next at those positions overwrites, as they would be."""
-        key = id(sampler)
         if not ptx.SIM and not sampler.graph_capturable:
             self._feed(token, pos)
             forward(self.c, self.w, self.s, 1, self.stream, short=pos < SHORT_CTX)
@@ -394,10 +398,10 @@ class CudaRunner:
             self._ahead = (tok, pos + 1)
             return tok
         d = self._done
-        if d is not None and d.key == key and d.p0 < pos < d.p0 + d.n and token == d.ids[pos - d.p0 - 1]:
+        if d is not None and d.sampler is sampler and d.p0 < pos < d.p0 + d.n and token == d.ids[pos - d.p0 - 1]:
             return d.ids[pos - d.p0]       # (a call repeated at d.p0 gets a step of its own)
         q = self._queued
-        if q is None or (q.key, q.p0, q.token) != (key, pos, token):
+        if q is None or q.sampler is not sampler or (q.p0, q.token) != (pos, token):
             self._feed(token, pos)
             q = self._queue(sampler, pos, token)
         nxt = pos + q.n

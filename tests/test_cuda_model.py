@@ -149,5 +149,32 @@ def test_device_generation_step(rng):
     check(list(ids2) + [tok], r.decode_sample(tok, len(ids), sampler))
 
 
+def test_decode_graphs_die_with_their_sampler(rng):
+    """A captured decode graph replays its sampler's buffers: it is dropped with that sampler, and
+    a later sampler (which may get the dead one's id()) captures its own."""
+    import gc
+
+    from numba_apr.kernels.cuda.sampling import DeviceSampler
+    from numba_apr.sampling import SamplingParams
+    c = tiny_config("qwen2")
+    w = tiny_weights(rng, c)
+    ids = rng.integers(0, N_VOCAB, 4).astype(np.int32)
+    r = CudaRunner(c, w, 16, 8)
+    r.steps = 2
+    for _ in range(3):
+        sampler = DeviceSampler(c.n_vocab, SamplingParams(temperature=0.0), 16)
+        sampler.set_history(ids, r.stream)
+        r.eval(ids, 0)
+        tok = int(np.argmax(r.logits_host(False, 1)[0]))
+        nxt = r.decode_sample(tok, len(ids), sampler)
+        want = cpu_logits(c, w, list(ids) + [tok])[-1]
+        assert nxt == int(np.argmax(want)) or np.sort(want)[-1] - np.sort(want)[-2] < 0.05, seed_msg()
+        assert list(r.graphs.keys()) == [sampler]
+        r.eval(ids, 0)             # (a new prompt: the runner holds no step of the sampler's)
+        del sampler
+        gc.collect()
+        assert len(r.graphs) == 0
+
+
 def seed_msg():
     return f"seed {SEED}"

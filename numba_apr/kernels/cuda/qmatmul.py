@@ -484,6 +484,14 @@ PREFETCH_BYTES = os.environ.get("NUMBA_APR_PREFETCH", str(16 << 20))
 if not PREFETCH_BYTES.isdigit():
     raise NumbaAprError(f"NUMBA_APR_PREFETCH must be a number of bytes, got {PREFETCH_BYTES!r}")
 PREFETCH_BYTES = int(PREFETCH_BYTES)
+# Tried and not kept: leads, a product sending part of a later product's weights to L2 before its
+# wait (wo's blocks the gate/up rows their first blocks read, gate/up's the down rows), to use the
+# memory that attention and the small products, bound by latency, leave idle (chained steps with
+# each kernel knocked out, 1.5B: attention 5.7 us a layer, wo 5.1, for 1.3 MB). Predicted: 1.5B
+# +10-14% a token. Measured, chained tg128 steps (us a token, one host): 1.5B 1260 -> 1318 (24 MB
+# of gate/up ahead) / 1302 (8 MB) / 1285 (24 MB of down); 7B 3110 -> 3152 / 3139 / 3290; 0.5B
+# 592 -> 616 / 616 / 587. The feed-forward products are bound by instruction issue, not by where
+# their weights come from, and the extra traffic slows the latency-bound kernels it overlaps.
 # Staged activations (SK in _plan) for rows of STAGE_MIN_K .. STAGE_MAX_K (K + K/8 + K/4 bytes of
 # static shared memory). Measured on an H100 (7B, decode kernels replayed alone): the down
 # product (K = 18944, ~18 units a lane) 7 us faster a call (its warps walk the whole q8 vector,
