@@ -479,7 +479,15 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # Products of up to this many bytes of weights send them to L2 before waiting for the kernel
 # ahead (PRE in _plan). Measured on an H100 (tg128, PDL on): 0.5B 1174 -> 1256 tok/s, 1.5B 632
 # -> 652; the 7B, whose big products outlast any lead, 276 (none) / 274 (to 16 MB) / 267 (all:
-# its 38k-block output head read ~10% slower). NUMBA_APR_PREFETCH sets it (to measure it).
+# its 38k-block output head read ~10% slower). That was before a product's first trip was
+# loaded before its wait (see the kernel), which now does much of the same work. Measured again
+# since, chained tg128 steps, us a token, each twice in one run. On an H100, PRE off everywhere:
+# 1.5B 1,255 -> 1,232, 7B 3,160 -> 3,134, but 0.5B 580 -> 584 (off for its products of K <=
+# QIN_MAX_K only: 591). The 1.5B's gate/up, whose rows are one trip, then issues ~23% fewer
+# instructions a warp (ptxas + nvdisasm, no GPU): predicted -8% a token, it gave -2%. On an H200,
+# a bound of 6 MiB (the 0.5B's products keep PRE, the 1.5B's feed-forward and the 7B's do not):
+# 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
+# NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = os.environ.get("NUMBA_APR_PREFETCH", str(16 << 20))
 if not PREFETCH_BYTES.isdigit():
     raise NumbaAprError(f"NUMBA_APR_PREFETCH must be a number of bytes, got {PREFETCH_BYTES!r}")
@@ -793,6 +801,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
             if EPI == EPI_QUANT or EPI == EPI_GATED:
+                # (tried: fence.acq_rel.gpu, SASS MEMBAR.ALL, here and in attention's and the
+                # sampler's counters, for this MEMBAR.SC: on an H100, chained tg128 steps, 1.5B
+                # 1,257 / 1,258 us a token, 0.5B 580 / 579: the fence is not what the tails cost)
                 cuda.threadfence()       # this lane's values, visible to the last block
         if EPI == EPI_QUANT or EPI == EPI_GATED:
             last = cuda.shared.array(1, np.int32)
