@@ -498,8 +498,9 @@ PREFETCH_BYTES = int(PREFETCH_BYTES)
 # each kernel knocked out, 1.5B: attention 5.7 us a layer, wo 5.1, for 1.3 MB). Predicted: 1.5B
 # +10-14% a token. Measured, chained tg128 steps (us a token, one host): 1.5B 1260 -> 1318 (24 MB
 # of gate/up ahead) / 1302 (8 MB) / 1285 (24 MB of down); 7B 3110 -> 3152 / 3139 / 3290; 0.5B
-# 592 -> 616 / 616 / 587. The feed-forward products are bound by instruction issue, not by where
-# their weights come from, and the extra traffic slows the latency-bound kernels it overlaps.
+# 592 -> 616 / 616 / 587. Where the feed-forward products' weights come from does not bound them
+# (nor, by PRE's measurement above, their instruction count alone: what is left is the latency of
+# their waves of blocks), and the extra traffic slows the latency-bound kernels it overlaps.
 # Staged activations (SK in _plan) for rows of STAGE_MIN_K .. STAGE_MAX_K (K + K/8 + K/4 bytes of
 # static shared memory). Measured on an H100 (7B, decode kernels replayed alone): the down
 # product (K = 18944, ~18 units a lane) 7 us faster a call (its warps walk the whole q8 vector,
