@@ -21,6 +21,10 @@ waits at its top (`ptx.grid_dep`) until that one has finished. A decode step is 
 kernels of a few microseconds each, so the gap between one kernel's end and the next one's
 start is a large share of it (see model_cuda.py); with PDL the next kernel's blocks are already
 resident when the wait ends. NUMBA_APR_PDL=0 turns it off (to measure it).
+
+`SKIP`, when set, is asked about every launch, `SKIP(kernel, args)`, and a launch it answers True
+for is left out: scripts/profile_decode.py knocks parts of a decode step out to time them (the
+results are then wrong). Launches made without `launch` (the sampler's) are not asked.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ MAX_SITES = 4096      # a bound for test runs that make arrays by the thousand
 _ARRAYS: tuple = ()   # numba's device array types (set at the first launch)
 _core_launch = None
 PDL = os.environ.get("NUMBA_APR_PDL", "1") != "0"
+SKIP = None           # profiling only: a predicate (kernel, args) -> leave this launch out
 
 
 def overlapped(kernel):
@@ -48,6 +53,8 @@ def overlapped(kernel):
 
 def launch(kernel, grid, block, stream, *args):
     """kernel[grid, block, stream](*args)."""
+    if SKIP is not None and SKIP(kernel, args):
+        return
     if ptx.SIM or not stream:
         kernel[grid, block, stream](*args)
         return
