@@ -29,16 +29,18 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def part_names(w) -> dict[int, str]:
-    """id(weight array) -> the part that reads it, for a model's DeviceWeights."""
-    names = {}
+def part_matrices(w) -> list[tuple[str, object]]:
+    """(part, DeviceMatrix) for every matrix a decode step reads, a model's DeviceWeights."""
+    out = []
     for L in w.layers:
-        names.update({id(m.w): "Q/K/V" for m, _ in L.qkv})
-        names[id(L.wo.w)] = "wo"
-        names.update({id(m.w): "gate/up" for m, _ in L.gate_up})
-        names[id(L.w_down.w)] = "down"
-    names.setdefault(id(w.output.w), "output head")   # (tied: the embedding's matrix too)
-    return names
+        out += [("Q/K/V", m) for m, _ in L.qkv] + [("wo", L.wo)]
+        out += [("gate/up", m) for m, _ in L.gate_up] + [("down", L.w_down)]
+    return out + [("output head", w.output)]   # (tied: the embedding's matrix too)
+
+
+def part_names(w) -> dict[int, str]:
+    """id(weight array) -> the part that reads it."""
+    return {id(m.w): part for part, m in part_matrices(w)}
 
 
 def part_of(kernel, args, names: dict[int, str]) -> str:
@@ -58,30 +60,28 @@ def part_of(kernel, args, names: dict[int, str]) -> str:
 def weight_bytes(w) -> dict[str, int]:
     """Bytes of weights each part reads a decode step."""
     out: dict[str, int] = {}
-    for L in w.layers:
-        for part, mats in (("Q/K/V", [m for m, _ in L.qkv]), ("wo", [L.wo]),
-                           ("gate/up", [m for m, _ in L.gate_up]), ("down", [L.w_down])):
-            out[part] = out.get(part, 0) + sum(m.nbytes for m in mats)
-    out["output head"] = w.output.nbytes
+    for part, m in part_matrices(w):
+        out[part] = out.get(part, 0) + m.nbytes
     return out
 
 
 class Profiler:
-    """Decode steps of one model (a CudaRunner) captured and timed with parts left out."""
+    """Decode steps of one model (loaded with device="cuda") captured and timed with parts left out."""
 
-    def __init__(self, runner, pos: int, steps: int):
+    def __init__(self, model, pos: int, steps: int):
         from numba_apr.kernels.cuda.attention import SHORT_CTX
         from numba_apr.kernels.cuda.sampling import DeviceSampler
         from numba_apr.sampling import SamplingParams
 
-        self.runner, self.pos, self.steps = runner, pos, steps
+        self.runner = runner = model.runner
+        self.pos, self.steps = pos, steps
         self.short = pos + steps <= SHORT_CTX
         self.names = part_names(runner.w)
         self.sampler = DeviceSampler(runner.c.n_vocab, SamplingParams(temperature=0.0), runner.s.n_ctx)
         self.token = np.zeros(1, np.int32)
         ids = np.random.default_rng(0).integers(0, runner.c.n_vocab, pos).astype(np.int32)
-        for i in range(0, pos, runner.s.n_batch):   # the KV cache filled up to pos, as after a prompt
-            runner.eval(ids[i:i + runner.s.n_batch], i)
+        if pos:      # the KV cache filled up to pos, as after a prompt
+            model._eval(ids, 0, host=False)
         self.sampler.set_history(ids, runner.stream)
 
     def launches(self) -> dict[str, int]:
@@ -154,7 +154,7 @@ def main():
         model = numba_apr.load(a.model, n_ctx=a.pos + a.steps + 1, device="cuda")
         if a.pos + a.steps + 1 > model.n_ctx:
             raise NumbaAprError(f"--pos {a.pos} + --steps {a.steps} is past the model's context ({model.n_ctx})")
-        p = Profiler(model.runner, a.pos, a.steps)
+        p = Profiler(model, a.pos, a.steps)
         counts = p.launches()
         base = p.time(p.capture(None), a.reps)
         cost = {part: base - p.time(p.capture(part), a.reps) for part in counts}
