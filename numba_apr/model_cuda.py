@@ -30,8 +30,8 @@ from .kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
 from .kernels.cuda.launch import view_once
 from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
-from .kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, SUPPORTED, DeviceMatrix, concat, qmatmul,
-                                   qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
+from .kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
+                                   qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
 from .model import Weights
 
 # Decode steps a graph replays. Between two graphs the GPU idles a few microseconds (the graph's
@@ -172,17 +172,18 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     (quantize_act); a decode step gets it from the kernel that made the values (attention, a
     product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
     no kernel overwrites the input it reads, and rmsnorm(x) * w of the residual stream x is
-    quantized by the product that reads it (`qin`, see qmatmul.QIN_MAX_K)."""
+    quantized by the product that reads it (`qin_attn` for Q/K/V, `qin_ffn` for gate/up: see
+    qmatmul.QIN_MAX_K)."""
     x, eps = s.x, c.norm_eps
     nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
     fuse = T == 1 and w.fusable
-    qin = fuse and c.n_embd <= QIN_MAX_K
+    qin_attn, qin_ffn = fuse and c.n_embd <= QIN_QKV_MAX_K, fuse and c.n_embd <= QIN_MAX_K
     qa, qb = (s.act, s.act1) if fuse else (s.act, s.act)
     embed(x, s.tokens, w.token_embd, T, c.embd_scale, stream)
     a = None
 
-    def normed(nw):
+    def normed(nw, qin):
         """The input rmsnorm(x) * nw."""
         return qa.normed(x, nw, eps) if qin else quantize_act(qa, x, T, stream, MODE_NORM, nw, eps)
 
@@ -190,7 +191,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # Attention block: norm+quantize, Q/K/V in one product, norms+RoPE+cache write (decoding:
         # in the product's epilogue), attention.
         if a is None:
-            a = normed(L.attn_norm)
+            a = normed(L.attn_norm, qin_attn)
         if fuse and L.q_norm is None and c.rope_dim == c.head_dim:
             for i in range(0, len(L.qkv), 2):   # the product rotates q, k and fills the cache itself
                 qmatmul_rope(s.qkv, L.qkv[i:i + 2], a, stream, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],
@@ -203,11 +204,11 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
                       c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, short)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
-        a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse, qin)
+        a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse, qin_ffn)
 
         # Feed-forward block: norm+quantize, gate/up in one product, act(gate)*up+quantize, down.
         if a is None:
-            a = normed(L.ffn_norm)
+            a = normed(L.ffn_norm, qin_ffn)
         if fuse and len(L.gate_up) == 1:
             a = qmatmul_gated(L.gate_up[0][0], a, stream, qb, act_mode)
         else:
@@ -216,7 +217,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         next_norm = w.layers[l + 1].attn_norm if l + 1 < len(w.layers) else w.output_norm
         # (the output head's kernel reads q8: the last layer's product makes it)
         a = _residual(x, s, L.w_down, a, L.post_ffn_norm, next_norm, eps, T, stream, qa, fuse,
-                      qin and l + 1 < len(w.layers))
+                      qin_attn and l + 1 < len(w.layers))
 
     # Output head: only the rows whose logits are wanted.
     if all_logits:

@@ -123,15 +123,18 @@ class Profiler:
         from numba import cuda
         r = self.runner
         ev0, ev1 = cuda.event(), cuda.event()
-        graph.launch(r.core_stream)                         # warm
         us = []
-        for _ in range(reps):
+        for i in range(reps + 1):     # (the first, untimed, warms)
+            # Every replay from (token, pos): a graph replayed from where the last one left the
+            # position writes KV-cache rows past pos + steps, past the cache's end (n_ctx is
+            # pos + steps + 1): an illegal address on a 7B, silent corruption elsewhere.
             r._set_inputs(self.token, self.pos)
             ev0.record(r.stream)
             graph.launch(r.core_stream)
             ev1.record(r.stream)
             ev1.synchronize()
-            us.append(cuda.event_elapsed_time(ev0, ev1) * 1e3 / self.steps)
+            if i:
+                us.append(cuda.event_elapsed_time(ev0, ev1) * 1e3 / self.steps)
         return statistics.median(us)
 
 

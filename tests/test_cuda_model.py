@@ -106,6 +106,26 @@ def test_prompt_and_decode_match_cpu(rng, arch):
         close(r.logits_host(False, 1)[0], want[p])
 
 
+@pytest.mark.parametrize("qkv_k, ffn_k", [(0, 0), (N_EMBD, 0), (0, N_EMBD)], ids=["no-qin", "qin-qkv", "qin-ffn"])
+def test_decode_inputs_quantized_by_either_side(rng, monkeypatch, qkv_k, ffn_k):
+    """Decoding, the input of Q/K/V and of gate/up is quantized either by the product that
+    reads it (QIN, bounds QIN_QKV_MAX_K / QIN_MAX_K) or by the tail of the product that wrote
+    the residual stream (down / wo): every mix gives the same logits (the default, both QIN,
+    is test_prompt_and_decode_match_cpu's)."""
+    import numba_apr.model_cuda as mc
+    monkeypatch.setattr(mc, "QIN_QKV_MAX_K", qkv_k)
+    monkeypatch.setattr(mc, "QIN_MAX_K", ffn_k)
+    c = tiny_config("qwen2")
+    w = tiny_weights(rng, c)
+    ids = rng.integers(0, N_VOCAB, 5).astype(np.int32)
+    want = cpu_logits(c, w, ids)
+    r = CudaRunner(c, w, 16, 8)
+    r.eval(ids[:2], 0)
+    for p in range(2, len(ids)):
+        r.eval(ids[p:p + 1], p)
+        close(r.logits_host(False, 1)[0], want[p])
+
+
 def test_device_generation_step(rng):
     """decode_sample: forward + greedy sampling on the device + position increment; the token
     it returns is the argmax of that step's logits, and the next step uses it from the device.

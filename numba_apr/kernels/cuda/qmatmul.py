@@ -473,6 +473,14 @@ def _rope_pair(j, n_rot, hd, neox):
     return head * hd + 2 * i, head * hd + 2 * i + 1
 
 
+def _env_int(name: str, default: int) -> int:
+    """A tuning bound from the environment (set only to measure it)."""
+    v = os.environ.get(name, str(default))
+    if not v.isdigit():
+        raise NumbaAprError(f"{name} must be a whole number, got {v!r}")
+    return int(v)
+
+
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
 
 
@@ -488,10 +496,7 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # a bound of 6 MiB (the 0.5B's products keep PRE, the 1.5B's feed-forward and the 7B's do not):
 # 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
 # NUMBA_APR_PREFETCH sets it (to measure it).
-PREFETCH_BYTES = os.environ.get("NUMBA_APR_PREFETCH", str(16 << 20))
-if not PREFETCH_BYTES.isdigit():
-    raise NumbaAprError(f"NUMBA_APR_PREFETCH must be a number of bytes, got {PREFETCH_BYTES!r}")
-PREFETCH_BYTES = int(PREFETCH_BYTES)
+PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 16 << 20)
 # Tried and not kept: leads, a product sending part of a later product's weights to L2 before its
 # wait (wo's blocks the gate/up rows their first blocks read, gate/up's the down rows), to use the
 # memory that attention and the small products, bound by latency, leave idle (chained steps with
@@ -527,10 +532,14 @@ STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 # clusters (a cluster barrier and stores into the first block's shared memory, no fence, counter
 # or read-back): 0.5B 0.602 -> 0.599 ms, 1.5B 1.240 -> 1.262, 7B 3.140 -> 3.336, so the counters'
 # round trips were not what the tails cost.
-QIN_MAX_K = os.environ.get("NUMBA_APR_QIN_MAX_K", "1024")
-if not QIN_MAX_K.isdigit():
-    raise NumbaAprError(f"NUMBA_APR_QIN_MAX_K must be a number, got {QIN_MAX_K!r}")
-QIN_MAX_K = int(QIN_MAX_K)
+QIN_MAX_K = _env_int("NUMBA_APR_QIN_MAX_K", 1024)
+# The bound for the Q/K/V product alone (attention's input; gate/up's stays QIN_MAX_K): its
+# launch is few blocks (1.5B: 256, against gate/up's 1,120), so its burst of x reads is small,
+# and the down product before it ends without its tail. Predicted for the 1.5B: -2% a step (a
+# tail, ~2 us, against ~1 us of QIN a layer). Measured on an H100 (profile_decode.py, chained
+# steps at position 64, one host): 1.5B 1,238 -> 1,218 us, 7B (K = 3584) 3,098 -> 3,097, so it
+# stops short of the 7B's K; tg128 side by side: 1.5B 819 tok/s against 798 in an earlier run.
+QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 
 
 # Tried and not kept (H100, same host as the code before): four units a lane a trip for the
