@@ -497,6 +497,14 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
 # NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 16 << 20)
+# Tried and not kept: products without PRE (the 7B's gate/up and down) sending their rows to L2
+# trip by trip, 1, 2 or 4 trips ahead of their loads (one `cp.async.bulk.prefetch.L2` a stream,
+# by a row's first lane). ncu (one eager 7B step, H100) had the down product (896 blocks, 0.85
+# waves, 9 trips a warp) at 41% of DRAM's throughput and gate/up (5.1 waves, 2 trips) at 51%,
+# neither bound by issue (0.5-0.64 warps issued a cycle a scheduler), so the loads' waits on
+# DRAM looked like the limit: predicted -10% a 7B step. Measured (H200, profile_decode.py): 3,027
+# us a step without, 3,755 / 3,786 / 3,737 with 1 / 2 / 4 trips ahead (gate/up 1,142 -> 1,649-
+# 1,743 us, down 1,006 -> 1,153-1,268): the bulk prefetches cost more than the waits they cut.
 # Tried and not kept: leads, a product sending part of a later product's weights to L2 before its
 # wait (wo's blocks the gate/up rows their first blocks read, gate/up's the down rows), to use the
 # memory that attention and the small products, bound by latency, leave idle (chained steps with
