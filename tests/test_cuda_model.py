@@ -110,8 +110,8 @@ def test_prompt_and_decode_match_cpu(rng, arch):
 def test_decode_inputs_quantized_by_either_side(rng, monkeypatch, qkv_k, ffn_k):
     """Decoding, the input of Q/K/V and of gate/up is quantized either by the product that
     reads it (QIN, bounds QIN_QKV_MAX_K / QIN_MAX_K) or by the tail of the product that wrote
-    the residual stream (down / wo): every mix gives the same logits (the default, both QIN,
-    is test_prompt_and_decode_match_cpu's)."""
+    the residual stream (down / wo): every mix gives the CPU's logits (the default at this
+    width, both QIN, is test_prompt_and_decode_match_cpu's)."""
     import numba_apr.model_cuda as mc
     monkeypatch.setattr(mc, "QIN_QKV_MAX_K", qkv_k)
     monkeypatch.setattr(mc, "QIN_MAX_K", ffn_k)

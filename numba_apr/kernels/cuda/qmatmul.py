@@ -497,12 +497,6 @@ SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay 
 # 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
 # NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 16 << 20)
-# Tried and not kept: gate/up kernels (EPI_GATED) capped at 56 registers. ncu (one eager step,
-# H100): the 1.5B's gate/up is 2,240 blocks of 72 registers, 7 blocks a multiprocessor, 2.42
-# waves (the 7B's 4,736 blocks, 5.1 waves), each block about one round trip; 56 fits 9 blocks,
-# 2 waves (7B: 4). Predicted -8% a 1.5B step, -6% a 7B one. Measured (H100, profile_decode.py,
-# one host): 1.5B gate/up 402 -> 426 us a step, 7B 1,198 -> 1,293: what the cap costs (spills,
-# rematerialised addresses) outweighs the wave it saves.
 # Tried and not kept: products without PRE (the 7B's gate/up and down) sending their rows to L2
 # trip by trip, 1, 2 or 4 trips ahead of their loads (one `cp.async.bulk.prefetch.L2` a stream,
 # by a row's first lane). ncu (one eager 7B step, H100) had the down product (896 blocks, 0.85
@@ -556,6 +550,12 @@ QIN_MAX_K = _env_int("NUMBA_APR_QIN_MAX_K", 1024)
 QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 
 
+# Tried and not kept: gate/up kernels (EPI_GATED) capped at 56 registers. ncu (one eager step,
+# H100): the 1.5B's gate/up is 2,240 blocks of 72 registers, 7 blocks a multiprocessor, 2.42
+# waves (the 7B's 4,736 blocks, 5.1 waves), each block about one round trip; 56 fits 9 blocks,
+# 2 waves (7B: 4). Predicted -8% a 1.5B step, -6% a 7B one. Measured (H100, profile_decode.py,
+# one host): 1.5B gate/up 402 -> 426 us a step, 7B 1,198 -> 1,293: what the cap costs (spills,
+# rematerialised addresses) outweighs the wave it saves.
 # Tried and not kept (H100, same host as the code before): four units a lane a trip for the
 # 7B's rows of 112+ units, kernels replayed alone: gate/up 49.1 -> 47.3 us, wo/down 25.0 -> 24.4,
 # head 247 -> 245, no faster a token. Two or four rows a warp for every product, chained steps:
