@@ -556,6 +556,27 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # 2 waves (7B: 4). Predicted -8% a 1.5B step, -6% a 7B one. Measured (H100, profile_decode.py,
 # one host): 1.5B gate/up 402 -> 426 us a step, 7B 1,198 -> 1,293: what the cap costs (spills,
 # rematerialised addresses) outweighs the wave it saves.
+# Tried and not kept: persistent blocks. A launch of only as many blocks as the device holds at
+# once (cuOccupancyMaxActiveBlocksPerMultiprocessor), each walking its tasks of 4 RW rows with
+# the next task's first trip loaded before the current one's sums and epilogue, so that no
+# block sits in its tail with nothing in flight and no wave is left a fraction full. Predicted
+# (H100, profile_decode.py): 1.5B gate/up 401 -> ~300 us a step. Measured (one host): 1.5B step
+# 1,283 -> 1,404 us, gate/up 448 -> 552 (down 263 -> 247, wo 128 -> 123). ptxas (-v, no GPU):
+# the 1.5B's gate/up went from 72 to 151 registers, with the next trip live through the
+# epilogue; capped at 80 / 96 it spilled 384 / 216 bytes. Without the early load (each task
+# loading at its top, from L2 where PRE had sent it) still 148 registers, 126 with the lanes'
+# units rotated by task: the loop's hoisted activation reads and its peeled first task.
+# Tried and not kept: units in slots. A warp walks its rows in trips of 32 KS UNROLL units of
+# each row, so the units past a row's end are computed too, weighted 0: rows of 48 units (the
+# 1.5B's K of 1,536) take a lane 4 unit evaluations for gate/up's 2 x 48, where 3 would do; the
+# 7B's gate/up 8 for 7. In slots, the warp's rows are one flat list of units that its lanes
+# walk in rounds of 32 (a lane's units crossing from one row into the next). Predicted (H100,
+# profile_decode.py): 1.5B gate/up 401 -> ~320 us a step, 7B 1,185 -> ~1,100. Measured (one
+# host): 1.5B step 1,217 -> 1,286 us (gate/up 399 -> 506, Q/K/V 140 -> 178), 7B step 3,097 ->
+# 4,141 (gate/up 1,187 -> 2,020). ptxas: gate/up 72 -> 80 registers (1.5B, 3 units a trip) and
+# 72 -> 96 (7B), the 7B's down 67 -> 80: each unit then computes its own row and addresses.
+# The unit count alone does not bound these products: 12.5% fewer units in 33% more registers
+# ran the 7B's gate/up 1.7x slower.
 # Tried and not kept (H100, same host as the code before): four units a lane a trip for the
 # 7B's rows of 112+ units, kernels replayed alone: gate/up 49.1 -> 47.3 us, wo/down 25.0 -> 24.4,
 # head 247 -> 245, no faster a token. Two or four rows a warp for every product, chained steps:
