@@ -482,6 +482,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
+# ... or twice that for rows of LONG_ROW_UNITS units and more (8+ trips a warp unsplit). Measured
+# on an H100 (profile_decode.py, one host, us a step), SPLIT_ROWS raised to 8192 for every product:
+# 7B 3,108 -> 3,001, its down product (592 units, 3,584 rows: 2 warps a row, 5 trips each
+# instead of 10) 979 -> 845, wo (112 units) 273 -> 283; 1.5B 1,218 -> 1,225, its down (280
+# units: 4 warps a row instead of 2) 259 -> 269. Hence for long rows only.
+LONG_ROW_UNITS = 512
 
 
 # Products of up to this many bytes of weights send them to L2 before waiting for the kernel
@@ -607,7 +613,8 @@ def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int
     registers) read 16% slower. PRE: the warps send their rows to L2 before waiting for the
     kernel ahead (see the kernel). SK: the row length K where a block stages the activations
     in shared memory first (else 0): big products of long rows (see STAGE_MIN_K)."""
-    KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= SPLIT_ROWS))
+    split_rows = SPLIT_ROWS * (2 if n_units >= LONG_ROW_UNITS else 1)
+    KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= split_rows))
     UNROLL = 2 if n_units > 32 * KS else 1
     RW = 2 if epi == EPI_ROPE or (epi == EPI_GATED and KS == 1 and UNROLL == 1) else 1
     PRE = nbytes <= PREFETCH_BYTES
