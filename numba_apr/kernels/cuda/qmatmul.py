@@ -608,9 +608,9 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
     """(UNROLL, KS, RW, PRE, SK) of a decode product of `rows` rows of n_units units, nbytes of
-    weights. Rows are split over KS warps only where there are too few rows to fill the card: a
-    7B's products have thousands, and its 512-thread blocks (one a multiprocessor at 80
-    registers) read 16% slower. PRE: the warps send their rows to L2 before waiting for the
+    weights. Rows are split over KS warps only where there are too few rows to fill the card (a
+    7B's products have thousands, and its 512-thread blocks, one a multiprocessor at 80
+    registers, read 16% slower), or over 2 warps where they are long (LONG_ROW_UNITS). PRE: the warps send their rows to L2 before waiting for the
     kernel ahead (see the kernel). SK: the row length K where a block stages the activations
     in shared memory first (else 0): big products of long rows (see STAGE_MIN_K)."""
     split_rows = SPLIT_ROWS * (2 if n_units >= LONG_ROW_UNITS else 1)
