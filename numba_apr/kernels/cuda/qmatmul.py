@@ -610,8 +610,8 @@ def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int
     """(UNROLL, KS, RW, PRE, SK) of a decode product of `rows` rows of n_units units, nbytes of
     weights. Rows are split over KS warps only where there are too few rows to fill the card (a
     7B's products have thousands, and its 512-thread blocks, one a multiprocessor at 80
-    registers, read 16% slower), or over 2 warps where they are long (LONG_ROW_UNITS). PRE: the warps send their rows to L2 before waiting for the
-    kernel ahead (see the kernel). SK: the row length K where a block stages the activations
+    registers, read 16% slower), a bound twice as high for long rows (LONG_ROW_UNITS). PRE: the
+    warps send their rows to L2 before waiting for the kernel ahead (see the kernel). SK: the row length K where a block stages the activations
     in shared memory first (else 0): big products of long rows (see STAGE_MIN_K)."""
     split_rows = SPLIT_ROWS * (2 if n_units >= LONG_ROW_UNITS else 1)
     KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= split_rows))
