@@ -101,15 +101,18 @@ class DeviceMatrix:
 
 def _unpack_k4(hdr: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K headers [..., 16] (f16 d, f16 dmin, 12 bytes of 6-bit scales and mins) ->
-    [..., 20]: d, dmin, then the 8 scales and the 8 mins as bytes. Decoding the 6-bit packing
-    took more instructions than the dot itself (measured 810 GB/s on a Q4_K product, against
-    2170 for Q8_0); 4 more bytes per 256 weights is +2.8% of the bytes read."""
+    [..., 20]: d, dmin, then per 32-byte chunk c of quants (sub-blocks 2c and 2c + 1, the low
+    and high nibbles) the word [scale 2c, scale 2c + 1, min 2c, min 2c + 1]: a unit reads its
+    four bytes in one load. Decoding the 6-bit packing took more instructions than the dot
+    itself (measured 810 GB/s on a Q4_K product, against 2170 for Q8_0); 4 more bytes per 256
+    weights is +2.8% of the bytes read."""
     q = hdr[..., 4:16].astype(np.uint16)
     sc, mn = np.empty(hdr.shape[:-1] + (8,), np.uint8), np.empty(hdr.shape[:-1] + (8,), np.uint8)
     sc[..., :4], mn[..., :4] = q[..., 0:4] & 63, q[..., 4:8] & 63
     sc[..., 4:] = (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)
     mn[..., 4:] = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
-    return np.concatenate([hdr[..., :4], sc, mn], axis=-1)
+    words = np.stack([sc.reshape(sc.shape[:-1] + (4, 2)), mn.reshape(mn.shape[:-1] + (4, 2))], axis=-2)
+    return np.concatenate([hdr[..., :4], words.reshape(hdr.shape[:-1] + (16,))], axis=-1)
 
 
 def _split_streams(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
@@ -164,10 +167,23 @@ def concat(mats: list[np.ndarray]) -> np.ndarray:
 # Units: for weight unit u of row r, the 4 + 4 int32 words of quants (bytes, 16 per half), the
 # half scales/offsets (d0, m0, d1, m1) and the index in x of each half's first element.
 
+@cuda_jit(device=True, inline=True)
+def _ld(a, i):
+    """a[i] for an index known not to be negative: numba's wraparound of a negative index costs
+    ~5 instructions a load, where a Q4_K unit is ~7 scalar loads."""
+    return a[np.uint64(i)]
+
+
+@cuda_jit(device=True, inline=True)
+def _ld2(a, i, j):
+    """a[i, j], both known not to be negative (see _ld)."""
+    return a[np.uint64(i), np.uint64(j)]
+
+
 @cuda_jit(device=True)
 def _h16(w, o, j):
     """j-th f16 of a stream of packed f16 pairs starting at word o, as float32."""
-    v = w[o + (j >> 1)]
+    v = _ld(w, o + (j >> 1))
     return ptx.f16_bits((v >> ((j & 1) * 16)) & 0xFFFF)
 
 
@@ -206,7 +222,7 @@ def _unit_q4_1(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
 @cuda_jit(device=True)
 def _q5_words(w, o_qh, s_qh, r, u, a, b, c, d):
     """Q5_0/Q5_1 quants: nibbles plus the 5th bit from the block's 32-bit qh word."""
-    qh = w[o_qh + r * s_qh + u]
+    qh = _ld(w, o_qh + r * s_qh + u)
     l0, l1, l2, l3 = _nib(a, b, c, d, 0)
     h0, h1, h2, h3 = _nib(a, b, c, d, 4)
     l0 |= _spread4(qh)
@@ -247,24 +263,30 @@ def _unit_q8_0(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     return l0, l1, l2, l3, h0, h1, h2, h3, dd, z, dd, z, 32 * u, 32 * u + 16
 
 
+@cuda_jit(device=True, inline=True)
+def _byte_f32(v, k):
+    """Byte k of the 32-bit word v as float32, in 32-bit arithmetic (numba's own would widen to
+    64 bits: I2F.S64 is a slow conversion)."""
+    return np.float32(np.uint32((v >> (8 * k)) & 0xFF))
+
+
 @cuda_jit(device=True)
 def _k4_common(w, o_sc, s_sc, r, u):
     """Q4_K/Q5_K: unit u -> (32-byte chunk c, offset o in it, half scales, x offsets). The sc
-    stream holds per superblock 5 words: d | dmin, 8 scale bytes, 8 min bytes (_unpack_k4)."""
+    stream holds per superblock 5 words: d | dmin, then chunk c's scale and min bytes
+    (_unpack_k4)."""
     b = u >> 3
     j = u & 7
     c = j >> 1
     o = (j & 1) * 16
     so = o_sc + r * s_sc + 5 * b
-    dm = w[so]
+    dm = _ld(w, so)
     d = ptx.f16_bits(dm & 0xFFFF)
-    dmin = ptx.f16_bits(dm >> 16)
-    sh = 16 * (c & 1)
-    scw = w[so + 1 + (c >> 1)] >> sh
-    mnw = w[so + 3 + (c >> 1)] >> sh
+    dmin = -ptx.f16_bits(dm >> 16)
+    sm = _ld(w, so + 1 + c)
     e0 = 256 * b + 64 * c + o
-    return (c, o, d * np.float32(scw & 0xFF), -dmin * np.float32(mnw & 0xFF),
-            d * np.float32((scw >> 8) & 0xFF), -dmin * np.float32((mnw >> 8) & 0xFF), e0, e0 + 32)
+    return (c, o, d * _byte_f32(sm, 0), dmin * _byte_f32(sm, 2), d * _byte_f32(sm, 1), dmin * _byte_f32(sm, 3),
+            e0, e0 + 32)
 
 
 @cuda_jit(device=True)
@@ -299,10 +321,10 @@ def _unit_q5_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     return l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1
 
 
-@cuda_jit(device=True)
-def _s8(v):
-    v = int(v) & 0xFF
-    return v - 256 if v >= 128 else v
+@cuda_jit(device=True, inline=True)
+def _sbyte_f32(v, k):
+    """Byte k of the 32-bit word v as a signed byte, as float32 (32-bit, see _byte_f32)."""
+    return np.float32(np.int8(np.uint32((v >> (8 * k)) & 0xFF)))
 
 
 @cuda_jit(device=True)
@@ -322,10 +344,10 @@ def _unit_q6_k(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
     so = o_sc + r * s_sc + 5 * b
     e0 = 256 * b + 128 * n + 32 * g + l
     i0 = 8 * n + 2 * g + (r4 & 1)   # scale of 16 elements e0 .. (index e0 // 16 in the block)
-    dd = ptx.f16_bits(w[so + 4] & 0xFFFF)
-    d0 = dd * np.float32(_s8(w[so + (i0 >> 2)] >> (8 * (i0 & 3))))
+    dd = ptx.f16_bits(_ld(w, so + 4) & 0xFFFF)
+    d0 = dd * _sbyte_f32(_ld(w, so + (i0 >> 2)), i0 & 3)
     i1 = i0 + 4
-    d1 = dd * np.float32(_s8(w[so + (i1 >> 2)] >> (8 * (i1 & 3))))
+    d1 = dd * _sbyte_f32(_ld(w, so + (i1 >> 2)), i1 & 3)
     m32 = np.float32(-32.0)
     return l0, l1, l2, l3, h0, h1, h2, h3, d0, m32 * d0, d1, m32 * d1, e0, e0 + 64
 
@@ -358,9 +380,9 @@ def _dots(load4):
         """A unit's 32 weights times the q8 activations of token t: xd * (d * dot + m * sum(xq))."""
         s0 = half_dot(xq, t, e0, l0, l1, l2, l3)
         s1 = half_dot(xq, t, e1, h0, h1, h2, h3)
-        a0 = d0 * np.float32(s0) + m0 * np.float32(xs[t, e0 >> 4])
-        a1 = d1 * np.float32(s1) + m1 * np.float32(xs[t, e1 >> 4])
-        return xd[t, e0 >> 5] * a0 + xd[t, e1 >> 5] * a1
+        a0 = d0 * np.float32(s0) + m0 * np.float32(_ld2(xs, t, e0 >> 4))
+        a1 = d1 * np.float32(s1) + m1 * np.float32(_ld2(xs, t, e1 >> 4))
+        return _ld2(xd, t, e0 >> 5) * a0 + _ld2(xd, t, e1 >> 5) * a1
 
     @cuda_jit(device=True, inline=True)
     def row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
@@ -604,6 +626,21 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # tg128 on one host: with registers capped at 64, 7B 317 -> 322.5 tok/s but 0.5B 1,745 -> 1,505
 # (spills); on another host, without the cap, 0.5B 1,738 -> 1,680 (the 7B not measured so); on a
 # third, capped for the 512-thread kernels only, 0.5B 1,676 and 7B 322.0.
+# Kept since: the two of those fixes that cost no registers. Scalar loads without the wraparound
+# (`_ld`), and scale bytes converted in 32 bits (`_byte_f32`), with a Q4_K/Q5_K chunk's four
+# scale and min bytes in one word (one load fewer a unit, see _unpack_k4). Why: replayed alone
+# (H100, chained, weights rotated past L2) the 1.5B's gate/up took 14.3 us, 12.6 us with every
+# row reading row 0's bytes from L1 (row strides 0), and a plain 16-byte read of its bytes 6.0
+# us (7B: 40.3 / 33.3 / 25.7): bound by its instructions, not by memory. SASS (ptxas, no GPU):
+# gate/up 1,896 -> 1,520 instructions (1.5B), 1,664 -> 1,296 (7B), registers 72 both before and
+# after; the Q6_K down 1,392 -> 1,160 (1.5B), registers 64 -> 62. Predicted -10% on gate/up and
+# down. Measured (profile_decode's chained steps at position 64, H100): 1.5B 1,217 -> 1,147 us
+# a step, 7B 2,989 -> 2,791.
+# Tried with it and not kept: the weights read with coherent loads (`ld.global`, not `.nc`):
+# ptxas sinks `.nc` loads below griddepcontrol.wait, so a first trip is not in flight during the
+# wait as the kernel means it to be. 7B 2,791 -> 2,732 us, but 1.5B 1,147 -> 1,157 (twice each,
+# on two hosts). And gate/up capped at 72 registers (the device's ptxas gave it 75, 6 blocks a
+# multiprocessor; replayed alone 1.5B 14.3 -> 12.9 us): in the step, 1.5B 1,147 -> 1,153.
 
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
