@@ -183,7 +183,7 @@ def _ld2(a, i, j):
 @cuda_jit(device=True)
 def _h16(w, o, j):
     """j-th f16 of a stream of packed f16 pairs starting at word o, as float32."""
-    v = _ld(w, o + (j >> 1))
+    v = w[o + (j >> 1)]      # (not _ld: slower on the device, see "Kept since" above _plan)
     return ptx.f16_bits((v >> ((j & 1) * 16)) & 0xFFFF)
 
 
@@ -222,7 +222,7 @@ def _unit_q4_1(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u):
 @cuda_jit(device=True)
 def _q5_words(w, o_qh, s_qh, r, u, a, b, c, d):
     """Q5_0/Q5_1 quants: nibbles plus the 5th bit from the block's 32-bit qh word."""
-    qh = _ld(w, o_qh + r * s_qh + u)
+    qh = w[o_qh + r * s_qh + u]      # (not _ld, as in _h16)
     l0, l1, l2, l3 = _nib(a, b, c, d, 0)
     h0, h1, h2, h3 = _nib(a, b, c, d, 4)
     l0 |= _spread4(qh)
@@ -635,7 +635,11 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # gate/up 1,896 -> 1,520 instructions (1.5B), 1,664 -> 1,296 (7B), registers 72 both before and
 # after; the Q6_K down 1,392 -> 1,160 (1.5B), registers 64 -> 62. Predicted -10% on gate/up and
 # down. Measured (profile_decode's chained steps at position 64, H100): 1.5B 1,217 -> 1,147 us
-# a step, 7B 2,989 -> 2,791.
+# a step, 7B 2,989 -> 2,791. But the 0.5B (Q5_0 / Q8_0 rows, K = 896) 573 -> 595, every product
+# of it slower (wo +30%, the head +12%), from `_ld` in the two helpers only its types use (_h16,
+# _q5_words): with those two loads written as before, 573 -> 566 (one host, each twice). The two
+# PTX files have the same loads and conversions; what the device's ptxas (the driver's, not the
+# one we read SASS with) makes of them we did not see.
 # Tried with it and not kept: the weights read with coherent loads (`ld.global`, not `.nc`):
 # ptxas sinks `.nc` loads below griddepcontrol.wait, so a first trip is not in flight during the
 # wait as the kernel means it to be. 7B 2,791 -> 2,732 us, but 1.5B 1,147 -> 1,157 (twice each,
