@@ -594,6 +594,14 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # epilogue; capped at 80 / 96 it spilled 384 / 216 bytes. Without the early load (each task
 # loading at its top, from L2 where PRE had sent it) still 148 registers, 126 with the lanes'
 # units rotated by task: the loop's hoisted activation reads and its peeled first task.
+# Tried and not kept: bytes in flight held in shared memory instead of registers. Persistent
+# warps, each walking its rows in 32-unit chunks through a 3-8 stage `cp.async` pipeline of its
+# own (each lane copies and later reads only its own slots: no barrier), 48-64 registers.
+# Predicted (H100, a prototype replayed alone, chained, weights rotated past L2): 1.5B gate/up
+# 14.2 -> ~8 us. Measured, best of 7 shapes of grid and stages: 13.4 us; 7B gate/up 41.7 ->
+# 45.4, Q4_K down 8.4 -> 11.0 (1.5B) and 25.8 -> 36.9 (7B). ncu had the kernel before and the
+# prototype alike at 41-62% issue and 27-55% of DRAM: neither the bytes nor their number in
+# flight bound these products, their instructions do (see "Kept since" below).
 # Tried and not kept: units in slots. A warp walks its rows in trips of 32 KS UNROLL units of
 # each row, so the units past a row's end are computed too, weighted 0: rows of 48 units (the
 # 1.5B's K of 1,536) take a lane 4 unit evaluations for gate/up's 2 x 48, where 3 would do; the
