@@ -170,7 +170,8 @@ def concat(mats: list[np.ndarray]) -> np.ndarray:
 @cuda_jit(device=True, inline=True)
 def _ld(a, i):
     """a[i] for an index known not to be negative: numba's wraparound of a negative index costs
-    ~5 instructions a load, where a Q4_K unit is ~7 scalar loads."""
+    ~5 instructions a load, and a Q4_K unit makes 6 scalar loads (2 of scales, 4 of the
+    activations' xs / xd)."""
     return a[np.uint64(i)]
 
 
@@ -660,8 +661,9 @@ def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int
     weights. Rows are split over KS warps only where there are too few rows to fill the card (a
     7B's products have thousands, and its 512-thread blocks, one a multiprocessor at 80
     registers, read 16% slower), a bound twice as high for long rows (LONG_ROW_UNITS). PRE: the
-    warps send their rows to L2 before waiting for the kernel ahead (see the kernel). SK: the row length K where a block stages the activations
-    in shared memory first (else 0): big products of long rows (see STAGE_MIN_K)."""
+    warps send their rows to L2 before waiting for the kernel ahead (see the kernel). SK: the
+    row length K where a block stages the activations in shared memory first (else 0): big
+    products of long rows (see STAGE_MIN_K)."""
     split_rows = SPLIT_ROWS * (2 if n_units >= LONG_ROW_UNITS else 1)
     KS = max(k for k in (1, 2, 4) if k == 1 or (n_units >= 32 * k and rows * k <= split_rows))
     UNROLL = 2 if n_units > 32 * KS else 1
