@@ -1176,17 +1176,37 @@ def _make_mma_kernel(unit, K32, WR, WT):
 # (position 64): 0.5B-shaped head 77 -> 56 us, 1.5B 131 -> 96, 7B 241 -> 189. (16 warps of one
 # row a block instead, as many blocks as this: 0.5B 77 -> 93 us; the block count was not it.)
 HEAD_ROWS, HEAD_RW = 32768, 4
+# Half-warp rows. Lanes walk a row's units 32 apart, so rows of 48 units (K = 1,536: the 1.5B's)
+# take 64 unit slots, 16 of them weighted 0: a lane of the head computes 8 unit products where
+# 6 would do. Rows of an odd number of 16-unit halves, up to HALF_MAX_UNITS (16 or 48: past
+# that, 5+ units a lane), go to half-warps instead: lanes 0-15 take two of the warp's rows,
+# lanes 16-31 the other two, 3 units of each a lane. NUMBA_APR_HALF_MAX_UNITS sets the bound
+# (0: off, to measure it).
+# Predicted: the 1.5B's head -20%, ~20 us a step. Measured on an H100 (chained steps at position
+# 64, one host, each twice): 1.5B 1,153 / 1,152 -> 1,126 / 1,128 us a step; 0.5B 568 -> 567 and
+# 7B 2,786 -> 2,787, whose heads keep the plan they had (28 and 112 units). profile_decode.py
+# had the 1.5B's head at 105.4 -> 80.9 us.
+# Tried and not kept: the same for the decode kernel's two-row warps (gate and up rows, a RoPE
+# pair: a half-warp each, 3 units of its row a lane, not 2 of each of the two). ptxas (no GPU):
+# the 1.5B's gate/up 72 -> 66 registers, Q/K/V 114 -> 96, a quarter fewer unit products.
+# Predicted: gate/up 366 -> ~320 us a step, Q/K/V 144 -> ~130. Measured (same runs): gate/up
+# 366 -> 416, Q/K/V 144 -> 178; the step, with the head's gain, 1,150 -> 1,174 us (twice each).
+HALF_MAX_UNITS = _env_int("NUMBA_APR_HALF_MAX_UNITS", 48)
 
 
-def _make_head_kernel(unit, UNROLL):
+def _make_head_kernel(unit, UNROLL, LW):
+    HALF = LW == 16          # lanes 0-15 take rows r, r + 1, lanes 16-31 rows r + 2, r + 3
+    NRL = HEAD_RW // 2 if HALF else HEAD_RW   # rows a lane
+
     @cuda_jit(device=True, inline=True)
-    def add4(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, u, keep, xq, xd, xs):
-        """acc[i] += keep * unit u of row r + i, i < 4 (written out: a loop over the rows stays a
-        loop in the PTX, with one row's loads in flight)."""
+    def add(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, u, keep, xq, xd, xs):
+        """acc[i] += keep * unit u of row r + i, i < NRL (written out: a loop over the rows stays
+        a loop in the PTX, with one row's loads in flight)."""
         acc[0] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), u, xq, xd, xs)
         acc[1] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r + 1, rows - 1), u, xq, xd, xs)
-        acc[2] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r + 2, rows - 1), u, xq, xd, xs)
-        acc[3] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r + 3, rows - 1), u, xq, xd, xs)
+        if NRL == 4:
+            acc[2] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r + 2, rows - 1), u, xq, xd, xs)
+            acc[3] += keep * _row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r + 3, rows - 1), u, xq, xd, xs)
 
     @overlapped
     @cuda_jit
@@ -1194,21 +1214,27 @@ def _make_head_kernel(unit, UNROLL):
                accumulate_out):
         lane = cuda.threadIdx.x & 31
         r = (cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)) * HEAD_RW
+        if HALF:
+            r += NRL * (lane >> 4)
         ptx.grid_dep()
-        acc = cuda.local.array(HEAD_RW, np.float32)
-        for j in range(HEAD_RW):
+        acc = cuda.local.array(NRL, np.float32)
+        for j in range(NRL):
             acc[j] = 0.0
-        one = np.float32(1.0)
-        for u0 in range(lane, n_units, 32 * UNROLL):
-            add4(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, u0, one, xq, xd, xs)
-            if UNROLL == 2:   # (as in the decode kernel: a second unit, weighted 0 past the row)
-                u1 = min(u0 + 32, n_units - 1)
-                add4(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, u1,
-                     one if u0 + 32 < n_units else np.float32(0.0), xq, xd, xs)
+        one, zero = np.float32(1.0), np.float32(0.0)
+        last = n_units - 1
+        for u0 in range(lane & (LW - 1), n_units, LW * UNROLL):
+            add(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, u0, one, xq, xd, xs)
+            # (as in the decode kernel: more units, each weighted 0 past the row)
+            if UNROLL >= 2:
+                add(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, min(u0 + LW, last),
+                    one if u0 + LW < n_units else zero, xq, xd, xs)
+            if UNROLL >= 3:
+                add(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, rows, min(u0 + 2 * LW, last),
+                    one if u0 + 2 * LW < n_units else zero, xq, xd, xs)
         scale = _rms_scale(ss_in, eps, lane)
-        for j in range(HEAD_RW):
-            v = ptx.warp_sum(acc[j]) * scale
-            if lane == 0 and r + j < rows:
+        for j in range(NRL):
+            v = ptx.lanes_sum(acc[j], LW) * scale
+            if (lane & (LW - 1)) == 0 and r + j < rows:
                 _store(out, bias, col + r + j, 0, v, accumulate_out)
     return kernel
 
@@ -1239,7 +1265,7 @@ _KERNELS: dict = {}
 def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
     or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type;
-    qin: it quantizes its input itself), or with epi "head" the output head's, plan (UNROLL,)."""
+    qin: it quantizes its input itself), or with epi "head" the output head's, plan (UNROLL, LW)."""
     key = (qtype, NT, tc, epi, plan, qtype2, qin)
     k = _KERNELS.get(key)
     if k is None:
@@ -1269,7 +1295,9 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     n_units = m.K // 32
     if T == 1 and m.rows >= HEAD_ROWS:
         per_block = WARPS * HEAD_RW
-        launch(_kernel(m.qtype, 0, epi="head", plan=(2 if n_units > 32 else 1,)), -(-m.rows // per_block),
+        half = n_units % 32 == 16 and n_units <= HALF_MAX_UNITS
+        plan = (n_units // 16, 16) if half else (2 if n_units > 32 else 1, 32)   # (UNROLL, LW)
+        launch(_kernel(m.qtype, 0, epi="head", plan=plan), -(-m.rows // per_block),
                32 * WARPS, stream, out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
                act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate)
         return
