@@ -654,6 +654,10 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # wait as the kernel means it to be. 7B 2,791 -> 2,732 us, but 1.5B 1,147 -> 1,157 (twice each,
 # on two hosts). And gate/up capped at 72 registers (the device's ptxas gave it 75, 6 blocks a
 # multiprocessor; replayed alone 1.5B 14.3 -> 12.9 us): in the step, 1.5B 1,147 -> 1,153.
+# Checked since, not kept: a unit's activations loaded once for all the rows of a warp (gate and
+# up, a RoPE pair) by code that shares them explicitly. ptxas (no GPU): the 1.5B's gate/up
+# 1,520 -> 1,536 instructions, 38 global loads both, so the loads were already shared (the
+# "cannot merge" above was before the loads became plain, side-effect-free PTX).
 
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
