@@ -1199,6 +1199,7 @@ HALF_MAX_UNITS = _env_int("NUMBA_APR_HALF_MAX_UNITS", 48)
 
 
 def _make_head_kernel(unit, UNROLL, LW):
+    assert UNROLL <= 3 and LW in (16, 32), (UNROLL, LW)
     HALF = LW == 16          # lanes 0-15 take rows r, r + 1, lanes 16-31 rows r + 2, r + 3
     NRL = HEAD_RW // 2 if HALF else HEAD_RW   # rows a lane
 
@@ -1299,7 +1300,7 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     n_units = m.K // 32
     if T == 1 and m.rows >= HEAD_ROWS:
         per_block = WARPS * HEAD_RW
-        half = n_units % 32 == 16 and n_units <= HALF_MAX_UNITS
+        half = n_units % 32 == 16 and n_units <= min(HALF_MAX_UNITS, 48)   # (3 units a lane at most)
         plan = (n_units // 16, 16) if half else (2 if n_units > 32 else 1, 32)   # (UNROLL, LW)
         launch(_kernel(m.qtype, 0, epi="head", plan=plan), -(-m.rows // per_block),
                32 * WARPS, stream, out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
