@@ -79,8 +79,8 @@ def test_decode_short_context_one_head_a_block(rng):
 def test_decode_short_context_at_its_end(rng):
     # short=True at the last position it promises (SHORT_CTX keys): 8 splits of KEYS keys of the
     # workspace's 12, the other 4 empty; the last of the 8 to finish merges them.
-    run(rng, T=1, pos0=attention_module.SHORT_CTX - 1, n_head=2, n_head_kv=1, D=32, DV=32, n_ctx=12 * attention_module.KEYS,
-        n_split=12, short=True)
+    run(rng, T=1, pos0=attention_module.SHORT_CTX - 1, n_head=2, n_head_kv=1, D=32, DV=32,
+        n_ctx=12 * attention_module.KEYS, n_split=12, short=True)
 
 
 @pytest.mark.parametrize("T,quant,workspace", [(1, True, False), (2, False, False), (2, True, True)])

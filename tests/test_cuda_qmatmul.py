@@ -193,8 +193,8 @@ def test_decode_product_quantizes_its_input(rng, monkeypatch, plan, K, gated):
 def test_decode_output_head(rng, monkeypatch, name, K):
     """The output heads' kernel (HEAD_ROWS lowered so that a small matrix takes it): 4 rows a
     warp, the rows ending inside the last block, a second unit a lane (Q6_K: 40 units a row) or
-    two rows a half-warp (Q4_K: 48 units, 3 a lane), and the input as the last layer's product leaves it: the q8 of x * norm weight, 1 / rms(x)
-    still to apply (ActBuffers.pending)."""
+    two rows a half-warp (Q4_K: 48 units, 3 a lane), and the input as the last layer's product
+    leaves it: the q8 of x * norm weight, 1 / rms(x) still to apply (ActBuffers.pending)."""
     monkeypatch.setattr(qm, "HEAD_ROWS", 1)
     N, eps = 37, 1e-6
     raw = case(rng, name, N, K)

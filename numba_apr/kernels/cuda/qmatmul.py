@@ -1198,6 +1198,14 @@ HEAD_ROWS, HEAD_RW = 32768, 4
 HALF_MAX_UNITS = _env_int("NUMBA_APR_HALF_MAX_UNITS", 48)
 
 
+def _head_plan(n_units: int) -> tuple[int, int]:
+    """(UNROLL, LW) of an output head of n_units units a row: units a lane a trip, lanes a row.
+    The kernel takes up to 3 units a lane, so half-warps stop at 48 units whatever the bound."""
+    if n_units % 32 == 16 and n_units <= min(HALF_MAX_UNITS, 48):
+        return n_units // 16, 16
+    return 2 if n_units > 32 else 1, 32
+
+
 def _make_head_kernel(unit, UNROLL, LW):
     assert UNROLL <= 3 and LW in (16, 32), (UNROLL, LW)
     HALF = LW == 16          # lanes 0-15 take rows r, r + 1, lanes 16-31 rows r + 2, r + 3
@@ -1300,9 +1308,7 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     n_units = m.K // 32
     if T == 1 and m.rows >= HEAD_ROWS:
         per_block = WARPS * HEAD_RW
-        half = n_units % 32 == 16 and n_units <= min(HALF_MAX_UNITS, 48)   # (3 units a lane at most)
-        plan = (n_units // 16, 16) if half else (2 if n_units > 32 else 1, 32)   # (UNROLL, LW)
-        launch(_kernel(m.qtype, 0, epi="head", plan=plan), -(-m.rows // per_block),
+        launch(_kernel(m.qtype, 0, epi="head", plan=_head_plan(n_units)), -(-m.rows // per_block),
                32 * WARPS, stream, out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
                act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate)
         return
