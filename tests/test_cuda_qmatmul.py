@@ -135,24 +135,31 @@ def test_decode_gated_epilogue(rng, name, mode):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
-@pytest.mark.parametrize("plan", [(2, 4, 1, True, 0), (1, 2, 1, False, 256), (1, 1, 2, True, 0),
-                                  (2, 1, 2, False, 256)])
-def test_decode_plans(rng, monkeypatch, plan):
+@pytest.mark.parametrize("plan,gated,group_blocks", [
+    ((2, 4, 1, True, 0), False, 3), ((1, 2, 1, False, 256), False, 3), ((1, 1, 2, True, 0), True, 3),
+    ((2, 1, 2, False, 256), True, 3), ((2, 1, 1, True, 0), True, 3), ((2, 1, 1, False, 0), False, 3),
+    ((2, 1, 1, True, 0), True, 0), ((2, 1, 1, True, 0), False, 0)])
+def test_decode_plans(rng, monkeypatch, plan, gated, group_blocks):
     """Every decode plan (units a lane a trip, warps a row, rows a warp, weights sent to L2
     first or not, activations staged in shared memory or not: qmatmul._plan picks one by shape,
-    which shapes small enough for the simulator would not reach) gives the same results: split
-    rows through the quantizing epilogue, two rows a warp through the gated one."""
+    which shapes small enough for the simulator would not reach) gives the same results through
+    both quantizing epilogues: split rows and two rows a warp (a q8 block of the output over
+    several blocks: the counter), one warp a row in blocks of 32 (a q8 block a block, LOCAL), and
+    the latter with GROUP_BLOCKS off (the counter again)."""
     monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi, nbytes: plan)
+    monkeypatch.setattr(qm, "GROUP_BLOCKS", group_blocks)
     K, N = 256, 64
-    raw = case(rng, "Q4_K", 2 * N if plan[2] == 2 else N, K)
+    raw = case(rng, "Q4_K", 2 * N if gated else N, K)
     x = rng.standard_normal((1, K)).astype(np.float32)
     act = ops.ActBuffers.allocate(1, K)
     ops.quantize_act(act, cuda.to_device(x), 1, 0)
     want = qm.qmatmul_ref(raw, Q.Q4_K, K, x)
-    if plan[2] == 2:
+    if gated:
         from numba_apr.kernels.cpu.ops import gated_act_ref
         nxt = qm.qmatmul_gated(qm.upload(raw, Q.Q4_K, K), act, 0, ops.ActBuffers.allocate(1, N), ops.MODE_SILU)
-        check(nxt.xf.copy_to_host(), gated_act_ref(want[:, :N], want[:, N:], False), K)
+        got = nxt.xf.copy_to_host()[:, :N]
+        check(got, gated_act_ref(want[:, :N], want[:, N:], False), K)
+        assert np.array_equal(nxt.xq8.copy_to_host()[:, :N], qm.quantize_act_ref(got)[0]), f"seed {SEED}"
     else:
         res = rng.standard_normal((1, N)).astype(np.float32)
         d_res = cuda.to_device(res)

@@ -475,7 +475,8 @@ def _make_kernel(unit, NT):
 # block counts itself in `count[g]` after storing its rows, and the last of the group quantizes
 # the block and sets the count back to 0 for the next launch (the CUDA threadFenceReduction
 # pattern; values are read back with atomics, which go to L2, so no stale L1 line is read). This
-# saves the quantizer launch a product used to need.
+# saves the quantizer launch a product used to need. Where the plan allows (GROUP_BLOCKS), a
+# block takes 32 rows instead and quantizes them itself (LOCAL).
 # The input: q8 of x, or of x * w with ss_in holding x's sums of squares per 32 (as EPI_QUANT
 # writes them): then every result is scaled by 1 / rms(x), which commutes with the product.
 EPI_STORE, EPI_QUANT, EPI_GATED, EPI_ROPE = 0, 1, 2, 3
@@ -577,6 +578,16 @@ QIN_MAX_K = _env_int("NUMBA_APR_QIN_MAX_K", 1024)
 # steps at position 64, one host): 1.5B 1,238 -> 1,218 us, 7B (K = 3584) 3,098 -> 3,097, so it
 # stops short of the 7B's K; tg128 side by side: 1.5B 819 tok/s against 798 in an earlier run.
 QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
+# Decode products that quantize their output, with one warp a row (KS = 1, RW = 1) and an input
+# quantized ahead (not QIN), run as blocks of 32 warps: each block holds a whole q8 block of the
+# output and quantizes it from shared memory (LOCAL in the kernel), where blocks of 4 rows need
+# the tail (a fence, a counter, the last block's read-back). Measured on an H100 (chained steps
+# at position 64, one host, each twice): the tails knocked out (results wrong, timing only) took
+# the 1.5B from 1,126 to 1,047 us a step (gated) / 1,070 (wo's) / 981 (both); as 32-warp blocks,
+# 1,126 -> 1,091 (gated) / 1,068 (both). 7B 2,789 -> 2,793 (its gate/up at 64 registers, not 72:
+# a 1024-thread block allows no more). Not for the 0.5B's gated product (two rows a warp, QIN:
+# 16 warps, 96 registers capped to 64): 565 -> 607-611. Bit 1: EPI_GATED, bit 2: EPI_QUANT.
+GROUP_BLOCKS = _env_int("NUMBA_APR_GROUP_BLOCKS", 3)
 
 
 # Tried and not kept: gate/up kernels (EPI_GATED) capped at 56 registers. ncu (one eager step,
@@ -749,13 +760,16 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
     return fetch, dots
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
+    assert not LOCAL or (KS == 1 and RW == 1 and EPI in (EPI_QUANT, EPI_GATED)), (EPI, KS, RW)
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
-    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes
-    NWB = WARPS * KS                     # warps a block (a plain constant: a shared array's shape)
+    RWB = 32 if LOCAL else WARPS         # warps of rows a block (LOCAL: a whole q8 block of rows)
+    GROUP = 1 if LOCAL else 32 // (WARPS * RW)   # blocks a 32-value q8 block of the output takes
+    NWB = RWB * KS                       # warps a block (a plain constant: a shared array's shape)
+    TAIL = EPI in (EPI_QUANT, EPI_GATED)
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
     fetch1, dots = _make_fetcher(unit, EPI, RW, _unit_dot_shared if SK else _unit_dot)
     fetch2 = _make_fetcher(unit2, EPI, RW, _unit_dot)[0] if TWO else fetch1
@@ -785,7 +799,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) // 32, max(SK, 32) // 16
 
     @overlapped
-    @cuda_jit
+    @cuda_jit(**({"max_registers": 64} if LOCAL else {}))   # (1024 threads a block: 64 at most)
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps, xf_in, nw_in,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
                pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox,
@@ -800,7 +814,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             bx -= nb1
             col += rows
             w, o_qh, o_sc, s_qs, s_qh, s_sc, rows = w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2
-        r = (bx * WARPS + warp // KS) * RW
+        r = (bx * RWB + warp // KS) * RW
         r1 = r + 1
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
@@ -865,6 +879,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
         acc = cuda.local.array(NA, np.float32)
         for j in range(NA):
             acc[j] = 0.0
+        if LOCAL:
+            vals = cuda.shared.array(32, np.float32)
         one = np.float32(1.0)
         zero = np.float32(0.0)
         dots_trip(acc, qa, fa, ea, one if ua < n_units else zero, one if ub < n_units else zero, xq, xd, xs)
@@ -888,7 +904,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                     t += part[warp - kw + i, j]
                 acc[j] = t
         if EPI == EPI_ROPE:
-            if lane == 0 and kw == 0 and (bx * WARPS + warp // KS) * 2 < rows:
+            if lane == 0 and kw == 0 and (bx * RWB + warp // KS) * 2 < rows:
                 _rope_store(out, bias, acc[0], acc[1], r + col, r1 + col, pos[0], cos, sin, k_cache, v_cache,
                             n_rot, n_q, hd, neox)
         elif lane == 0 and kw == 0:
@@ -897,7 +913,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             for j in range(RW):
                 v = acc[j]
                 if EPI == EPI_GATED:
-                    qf[0, r + j] = gated(v, acc[RW + j], mode)
+                    v = gated(v, acc[RW + j], mode)
+                    qf[0, r + j] = v
                 elif r < rows:
                     if EPI == EPI_QUANT:
                         if bias.shape[0] > 0:
@@ -907,12 +924,26 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                         out[0, r] = v
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
-            if EPI == EPI_QUANT or EPI == EPI_GATED:
+                if LOCAL:
+                    vals[r + j - 32 * bx] = v
+            if TAIL and not LOCAL:
                 # (tried: fence.acq_rel.gpu, SASS MEMBAR.ALL, here and in attention's and the
                 # sampler's counters, for this MEMBAR.SC: on an H100, chained tg128 steps, 1.5B
                 # 1,257 / 1,258 us a token, 0.5B 580 / 579: the fence is not what the tails cost)
                 cuda.threadfence()       # this lane's values, visible to the last block
-        if EPI == EPI_QUANT or EPI == EPI_GATED:
+        if TAIL and LOCAL:
+            # The block's 32 rows are a whole q8 block of the output: quantized here, from shared
+            # memory (no fence, counter or read-back: see GROUP_BLOCKS).
+            cuda.syncthreads()
+            if ptx.SIM or warp == 0:     # (the simulator's warp collectives take the whole block)
+                v = vals[lane]
+                z = v * nw[32 * bx + lane] if nw.shape[0] > 0 else v
+                quant32(z, warp == 0, q8, qd, qs, 0, bx)
+                if EPI == EPI_QUANT and ss_out.shape[0] > 0:
+                    s2 = ptx.warp_sum(v * v)
+                    if cuda.threadIdx.x == 0:
+                        ss_out[bx] = s2
+        elif TAIL:
             last = cuda.shared.array(1, np.int32)
             g = cuda.blockIdx.x // GROUP
             cuda.syncthreads()
@@ -1275,18 +1306,18 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False):
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
     or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type;
     qin: it quantizes its input itself), or with epi "head" the output head's, plan (UNROLL, LW)."""
-    key = (qtype, NT, tc, epi, plan, qtype2, qin)
+    key = (qtype, NT, tc, epi, plan, qtype2, qin, local)
     k = _KERNELS.get(key)
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
             _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
             else _make_head_kernel(unit, *plan) if epi == "head"
-            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin)
+            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local)
             if epi is not None else _make_kernel(unit, NT))
     return k
 
@@ -1390,9 +1421,11 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     if qin:                       # the input staged in shared memory: quantized there (QIN)
         plan = plan[:4] + (m.K,)
     _, KS, RW, _, _ = plan
-    per_block = WARPS * RW
-    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin), (n_out + per_block - 1) // per_block,
-           32 * WARPS * KS, stream,
+    local = (KS == 1 and RW == 1 and not qin and n_out % 32 == 0
+             and bool(GROUP_BLOCKS & {EPI_GATED: 1, EPI_QUANT: 2}.get(epi, 0)))
+    per_block = 32 if local else WARPS * RW          # rows a block
+    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local),
+           (n_out + per_block - 1) // per_block, 32 * (32 if local else WARPS) * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), act.xf, act.empty if act.nw is None else act.nw,
         bias, accumulate, half, mode, nw,
