@@ -760,6 +760,19 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
     return fetch, dots
 
 
+@cuda_jit(device=True, inline=True)
+def _quant_group(v, g, store, nw, q8, qd, qs, ss_out, sums):
+    """q8 block g of a decode product's output from a warp's 32 values (v: this lane's, value
+    32 g + lane): of v * nw where nw has entries; with `sums`, also ss_out[g] = the sum of v^2
+    (where ss_out has entries). Written only where `store`. A warp collective (see quant32)."""
+    z = v * nw[32 * g + (cuda.threadIdx.x & 31)] if nw.shape[0] > 0 else v
+    quant32(z, store, q8, qd, qs, 0, g)
+    if sums and ss_out.shape[0] > 0:
+        s2 = ptx.warp_sum(v * v)
+        if store and (cuda.threadIdx.x & 31) == 0:
+            ss_out[g] = s2
+
+
 def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
@@ -767,7 +780,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
     RWB = 32 if LOCAL else WARPS         # warps of rows a block (LOCAL: a whole q8 block of rows)
-    GROUP = 1 if LOCAL else 32 // (WARPS * RW)   # blocks a 32-value q8 block of the output takes
+    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes (not LOCAL)
     NWB = RWB * KS                       # warps a block (a plain constant: a shared array's shape)
     TAIL = EPI in (EPI_QUANT, EPI_GATED)
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
@@ -924,8 +937,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                         out[0, r] = v
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
-                if LOCAL:
-                    vals[r + j - 32 * bx] = v
+                if LOCAL:                # (one row a warp: r = 32 bx + warp)
+                    vals[warp] = v
             if TAIL and not LOCAL:
                 # (tried: fence.acq_rel.gpu, SASS MEMBAR.ALL, here and in attention's and the
                 # sampler's counters, for this MEMBAR.SC: on an H100, chained tg128 steps, 1.5B
@@ -936,13 +949,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             # memory (no fence, counter or read-back: see GROUP_BLOCKS).
             cuda.syncthreads()
             if ptx.SIM or warp == 0:     # (the simulator's warp collectives take the whole block)
-                v = vals[lane]
-                z = v * nw[32 * bx + lane] if nw.shape[0] > 0 else v
-                quant32(z, warp == 0, q8, qd, qs, 0, bx)
-                if EPI == EPI_QUANT and ss_out.shape[0] > 0:
-                    s2 = ptx.warp_sum(v * v)
-                    if cuda.threadIdx.x == 0:
-                        ss_out[bx] = s2
+                _quant_group(vals[lane], bx, warp == 0, nw, q8, qd, qs, ss_out, EPI == EPI_QUANT)
         elif TAIL:
             last = cuda.shared.array(1, np.int32)
             g = cuda.blockIdx.x // GROUP
@@ -953,13 +960,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             if last[0]:
                 i = 32 * g + lane
                 v = cuda.atomic.add(qf, (0, i), 0.0) if EPI == EPI_GATED else cuda.atomic.add(out, (0, i), 0.0)
-                z = v * nw[i] if nw.shape[0] > 0 else v
-                first = cuda.threadIdx.x < 32
-                quant32(z, first, q8, qd, qs, 0, g)
-                if EPI == EPI_QUANT and ss_out.shape[0] > 0:
-                    s2 = ptx.warp_sum(v * v)
-                    if cuda.threadIdx.x == 0:
-                        ss_out[g] = s2
+                _quant_group(v, g, cuda.threadIdx.x < 32, nw, q8, qd, qs, ss_out, EPI == EPI_QUANT)
                 if cuda.threadIdx.x == 0:
                     count[g] = 0
     return kernel
@@ -1423,9 +1424,9 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     _, KS, RW, _, _ = plan
     local = (KS == 1 and RW == 1 and not qin and n_out % 32 == 0
              and bool(GROUP_BLOCKS & {EPI_GATED: 1, EPI_QUANT: 2}.get(epi, 0)))
-    per_block = 32 if local else WARPS * RW          # rows a block
+    rwb = 32 if local else WARPS                     # warps of rows a block (the kernel's RWB)
     launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local),
-           (n_out + per_block - 1) // per_block, 32 * (32 if local else WARPS) * KS, stream,
+           -(-n_out // (rwb * RW)), 32 * rwb * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), act.xf, act.empty if act.nw is None else act.nw,
         bias, accumulate, half, mode, nw,
