@@ -62,8 +62,9 @@ def quant32(v, store, xq8, xd, xs, t, b):
 
 
 @cuda_jit(device=True)
-def quant8(x, w, t, i, store, xq, xd, xs, ss):
-    """Values 8i .. 8i + 8 of x[t] * w, a quarter of q8 block i // 4, quantized by the block's 4
+def quant8(x, w, wo, t, i, store, xq, xd, xs, ss):
+    """Values 8i .. 8i + 8 of x[t] * w (value e's weight at w[wo + e - 8i]: the whole vector's,
+    wo = 8i, or 8 a thread loaded ahead), a quarter of q8 block i // 4, quantized by the block's 4
     neighbouring threads together (a collective of the 4 lanes; see ptx.py): two words of quants
     into xq[0, 2i ..], from the block's first thread its scale xd[0, i // 4] and ss[i // 4], the
     sum of x's squares (the norm's, see ops.ActBuffers.ss), from each half's first its sum xs;
@@ -76,7 +77,7 @@ def quant8(x, w, t, i, store, xq, xd, xs, ss):
     for j in range(8):
         v = x[t, e + j]
         s2 += v * v
-        z[j] = v * w[e + j]
+        z[j] = v * w[wo + j]
         amax = max(amax, abs(z[j]))
     amax = ptx.lanes_max(amax, 4)
     s2 = ptx.lanes_sum(s2, 4)

@@ -688,18 +688,27 @@ def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int
 
 
 @cuda_jit(device=True)
-def _rope_store(out, bias, va, vb, a, b, p, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox):
-    """EPI_ROPE's stores for columns a, b of [q | k | v] at position p: q rotated into out, k
-    rotated into the cache, v into the cache."""
+def _rope_consts(bias, a, b, p, cos, sin, n_rot, hd, neox):
+    """What EPI_ROPE's stores of columns a, b at position p read besides the products: their
+    biases (0 without) and the rotation's cos and sin (1, 0 in v). Weights and tables, none
+    written by the kernel ahead: loaded before its wait."""
+    ba, bb = np.float32(0.0), np.float32(0.0)
     if bias.shape[0] > 0:
-        va += bias[a]
-        vb += bias[b]
+        ba, bb = bias[a], bias[b]
+    if a >= n_rot:
+        return ba, bb, np.float32(1.0), np.float32(0.0)
+    i = a % hd if neox else (a % hd) // 2
+    return ba, bb, cos[p, i], sin[p, i]
+
+
+@cuda_jit(device=True)
+def _rope_store(out, va, vb, a, b, p, c, sn, k_cache, v_cache, n_rot, n_q):
+    """EPI_ROPE's stores for columns a, b of [q | k | v] at position p (biases added, c / sn
+    from _rope_consts): q rotated into out, k rotated into the cache, v into the cache."""
     if a >= n_rot:
         v_cache[p, a - n_rot] = np.float16(va)
         v_cache[p, b - n_rot] = np.float16(vb)
         return
-    i = a % hd if neox else (a % hd) // 2
-    c, sn = cos[p, i], sin[p, i]
     x0, x1 = va * c - vb * sn, va * sn + vb * c
     if a < n_q:
         out[0, a] = x0
@@ -761,12 +770,12 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
 
 
 @cuda_jit(device=True, inline=True)
-def _quant_group(v, g, store, nw, q8, qd, qs, ss_out, sums):
+def _quant_group(v, g, store, nwv, q8, qd, qs, ss_out, sums):
     """q8 block g of a decode product's output from a warp's 32 values (v: this lane's, value
-    32 g + lane): of v * nw where nw has entries; with `sums`, also ss_out[g] = the sum of v^2
-    (where ss_out has entries). Written only where `store`. A warp collective (see quant32)."""
-    z = v * nw[32 * g + (cuda.threadIdx.x & 31)] if nw.shape[0] > 0 else v
-    quant32(z, store, q8, qd, qs, 0, g)
+    32 g + lane): of v * nwv (this lane's norm weight, or 1); with `sums`, also ss_out[g] = the
+    sum of v^2 (where ss_out has entries). Written only where `store`. A warp collective (see
+    quant32)."""
+    quant32(v * nwv, store, q8, qd, qs, 0, g)
     if sums and ss_out.shape[0] > 0:
         s2 = ptx.warp_sum(v * v)
         if store and (cuda.threadIdx.x & 31) == 0:
@@ -808,6 +817,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
         if UNROLL == 2:
             dots(acc, qa, fa, ea, NA, keep1, xq, xd, xs)
     NTHR = 32 * NWB
+    QT = max(1, -(-SK // (8 * NTHR)))    # QIN: trips of 8 input values a thread
     # shared shapes: plain constants, never 0 (sq: 3 words spare for aligned16)
     SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) // 32, max(SK, 32) // 16
 
@@ -829,9 +839,22 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             w, o_qh, o_sc, s_qs, s_qh, s_sc, rows = w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2
         r = (bx * RWB + warp // KS) * RW
         r1 = r + 1
+        # What the epilogue reads besides the products, loaded before the wait (after it, each
+        # is a memory round trip on the kernel's critical path): weights, tables and the
+        # position (which the step's last kernel moves), and EPI_QUANT's out, the residual
+        # stream, which the kernel two or more launches ahead wrote (see qmatmul_quant).
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
             r, r1 = a - col, b - col
+            p = pos[0]
+            ba, bb, c, sn = _rope_consts(bias, a, b, p, cos, sin, n_rot, hd, neox)
+        if EPI == EPI_QUANT:
+            rr = min(r, rows - 1)
+            base = bias[rr] if bias.shape[0] > 0 else np.float32(0.0)
+            if accumulate_out:
+                base += out[0, rr]
+        if TAIL:                         # the norm weight of the output value this lane may quantize
+            nwv = nw[32 * (bx if LOCAL else bx // GROUP) + lane] if nw.shape[0] > 0 else np.float32(1.0)
         # The weights do not depend on the kernel before: the warp's rows go to L2 while that
         # kernel still runs (launched early, see launch.overlapped), then wait for its output.
         if PRE and lane == 0 and kw == 0:
@@ -854,6 +877,12 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
         ub = ua + 32 * KS
         fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half,
                    min(ua, n_units - 1), min(ub, n_units - 1))
+        if QIN:                          # the norm's weights this thread applies (constants)
+            wq = cuda.local.array((QT, 8), np.float32)
+            for k in range(QT):
+                i = min(k * NTHR + cuda.threadIdx.x, SK // 8 - 1)
+                for j in range(8):
+                    wq[k, j] = nw_in[8 * i + j]
         ptx.grid_dep()
         if QIN:
             # The input as the product ahead left it (x, the residual stream): the block
@@ -864,9 +893,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             sd = cuda.shared.array((1, SD), np.float32)
             sx = cuda.shared.array((1, SX), np.int32)
             s2 = cuda.shared.array(SD, np.float32)
-            for i0 in range(0, SK // 8, NTHR):          # (block-uniform trips: quant8 is a collective)
-                i = i0 + cuda.threadIdx.x
-                quant8(xf_in, nw_in, 0, min(i, SK // 8 - 1), i < SK // 8, sq, sd, sx, s2)
+            for k in range(QT):          # (block-uniform trips: quant8 is a collective)
+                i = k * NTHR + cuda.threadIdx.x
+                quant8(xf_in, wq[k], 0, 0, min(i, SK // 8 - 1), i < SK // 8, sq, sd, sx, s2)
             cuda.syncthreads()
             xq, xd, xs, ss_in = sq, sd, sx, s2
         elif SK:
@@ -889,6 +918,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 sx[0, i] = xs[0, i]
             cuda.syncthreads()
             xq, xd, xs = sq, sd, sx
+        # 1 / rms of the input: its loads (written by the kernel ahead) in flight with the dots'
+        scale = _rms_scale(ss_in, eps, lane)
         acc = cuda.local.array(NA, np.float32)
         for j in range(NA):
             acc[j] = 0.0
@@ -902,7 +933,6 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             u1 = min(u0 + 32 * KS, n_units - 1)
             fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, u1)
             dots_trip(acc, qa, fa, ea, one, one if u0 + 32 * KS < n_units else zero, xq, xd, xs)
-        scale = _rms_scale(ss_in, eps, lane)
         for j in range(NA):
             acc[j] = ptx.warp_sum(acc[j]) * scale
         if KS > 1:
@@ -918,8 +948,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 acc[j] = t
         if EPI == EPI_ROPE:
             if lane == 0 and kw == 0 and (bx * RWB + warp // KS) * 2 < rows:
-                _rope_store(out, bias, acc[0], acc[1], r + col, r1 + col, pos[0], cos, sin, k_cache, v_cache,
-                            n_rot, n_q, hd, neox)
+                _rope_store(out, acc[0] + ba, acc[1] + bb, a, b, p, c, sn, k_cache, v_cache, n_rot, n_q)
         elif lane == 0 and kw == 0:
             # (EPI_QUANT / EPI_GATED: each storing lane fences its own stores, below, for the
             # block that quantizes; a fence by every thread of a 512-thread block cost ~1.5 us)
@@ -930,10 +959,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                     qf[0, r + j] = v
                 elif r < rows:
                     if EPI == EPI_QUANT:
-                        if bias.shape[0] > 0:
-                            v += bias[r]
-                        if accumulate_out:
-                            v += out[0, r]
+                        v += base
                         out[0, r] = v
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
@@ -949,7 +975,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             # memory (no fence, counter or read-back: see GROUP_BLOCKS).
             cuda.syncthreads()
             if ptx.SIM or warp == 0:     # (the simulator's warp collectives take the whole block)
-                _quant_group(vals[lane], bx, warp == 0, nw, q8, qd, qs, ss_out, EPI == EPI_QUANT)
+                _quant_group(vals[lane], bx, warp == 0, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
         elif TAIL:
             last = cuda.shared.array(1, np.int32)
             g = cuda.blockIdx.x // GROUP
@@ -960,7 +986,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             if last[0]:
                 i = 32 * g + lane
                 v = cuda.atomic.add(qf, (0, i), 0.0) if EPI == EPI_GATED else cuda.atomic.add(out, (0, i), 0.0)
-                _quant_group(v, g, cuda.threadIdx.x < 32, nw, q8, qd, qs, ss_out, EPI == EPI_QUANT)
+                _quant_group(v, g, cuda.threadIdx.x < 32, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
                 if cuda.threadIdx.x == 0:
                     count[g] = 0
     return kernel
@@ -1363,7 +1389,10 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
 def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, eps=0.0, accumulate=True):
     """Decoding: out[0] (+)= x . W.T, and the next product's input quantized from the new out[0]
     into dst (ActBuffers): q8 of out * norm_w, with ss [m.rows / 32] the sums of squares that
-    make the norm's 1 / rms (see ActBuffers.pending). Returns the ActBuffers view to pass on."""
+    make the norm's 1 / rms (see ActBuffers.pending). Returns the ActBuffers view to pass on.
+    The kernel reads out before it waits for the kernel launched ahead of it (programmatic
+    dependent launch, launch.py): that one must not write out (in a decode step the kernel
+    that last wrote the residual stream is two or more launches back)."""
     d = dst.cols(m.rows)
     _decode(EPI_QUANT, out, m, act, stream, act.empty, accumulate, 0, m.rows, 0, 0,
             act.empty if norm_w is None else norm_w, d, act.empty if ss is None else ss)
