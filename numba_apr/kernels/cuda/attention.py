@@ -182,6 +182,11 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     # H100 (decode kernels replayed alone, position 64): 0.5B-shaped 4.7 -> 3.6 us, 1.5B 5.6 ->
     # 5.1, 7B 5.7 -> 5.3; at position 200 (two splits and the merge) 0.5B 6.6 -> 5.8. Registers
     # 48 -> 96 (D = 64), 66 -> 168 (D = 128), no spills.
+    # Tried and not kept: the first trip's rows of keys cached by earlier steps (< pos[0]) loaded
+    # before the wait, only the rows the kernel ahead writes after it. Predicted -8 to -14 us a
+    # 1.5B step (a DRAM round trip a layer becoming an L2 one); measured on an H100 (chained
+    # steps at position 64): 1,075 / 1,068 -> 1,072 / 1,065 us, then 1,067 / 1,073 -> 1,070 /
+    # 1,070: within the noise. The q load after the wait is the same round trip.
     AHEAD = HB == 1
     KB = DW if AHEAD else 16           # 32+ left the word array in local memory (H100, D=128, HB=6)
     JB = 32 if AHEAD else 16 if NWV <= 2 else 8
