@@ -847,7 +847,11 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
         # -8% a step. Measured on an H100 (chained steps at position 64, one host, each twice):
         # 1.5B 1,067 / 1,073 -> 1,027 / 1,019 us, and with QIN's norm weights loaded ahead too
         # (below) 1,029 / 1,020 -> 1,014 / 1,011; 7B 2,858 / 2,865 -> 2,745; but 0.5B 568 /
-        # 568 -> 573 / 573 (with or without QIN's part: not understood).
+        # 568 -> 573 / 573, with or without QIN's part. The 0.5B's wo and down are plain
+        # accumulating stores (EPI_STORE: the products after them quantize x themselves, QIN),
+        # whose read of out is still after the wait; of this it gets RoPE's loads and the 1 / rms
+        # moved ahead of the dots only (ptxas, no GPU: its Q/K/V 68 -> 71 registers). Not
+        # understood; EPI_STORE's read of out ahead of the wait not tried.
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
             r, r1 = a - col, b - col
