@@ -20,7 +20,10 @@ capability 9.0 and up): such a kernel may be started while the one before it sti
 waits at its top (`ptx.grid_dep`) until that one has finished. A decode step is ~150 dependent
 kernels of a few microseconds each, so the gap between one kernel's end and the next one's
 start is a large share of it (see model_cuda.py); with PDL the next kernel's blocks are already
-resident when the wait ends. NUMBA_APR_PDL=0 turns it off (to measure it).
+resident when the wait ends. Before its wait a kernel may still read what kernels two or more
+launches back wrote (the decode products' epilogue loads do): the kernel ahead of it lets it
+launch only after that one's own wait, when everything before it has finished.
+NUMBA_APR_PDL=0 turns it off (to measure it).
 
 `SKIP`, when set, is asked about every launch, `SKIP(kernel, args)`, and a launch it answers True
 for is left out: scripts/profile_decode.py knocks parts of a decode step out to time them (the
@@ -45,8 +48,8 @@ SKIP = None           # profiling only: a predicate (kernel, args) -> leave this
 
 
 def overlapped(kernel):
-    """Mark a kernel that calls ptx.grid_dep() before its first memory access: it may be
-    launched before the kernel ahead of it has finished (see the module docstring)."""
+    """Mark a kernel that calls ptx.grid_dep() before it reads anything the kernel ahead of it
+    writes: it may be launched before that kernel has finished (see the module docstring)."""
     kernel.numba_apr_overlapped = True
     return kernel
 

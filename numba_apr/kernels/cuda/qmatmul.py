@@ -862,8 +862,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             base = bias[rr] if bias.shape[0] > 0 else np.float32(0.0)
             if accumulate_out:
                 base += out[0, rr]
-        if TAIL:                         # the norm weight of the output value this lane may quantize
-            nwv = nw[32 * (bx if LOCAL else bx // GROUP) + lane] if nw.shape[0] > 0 else np.float32(1.0)
+        if TAIL:                         # the output's q8 block g: this lane's norm weight in it
+            g = bx if LOCAL else bx // GROUP
+            nwv = nw[32 * g + lane] if nw.shape[0] > 0 else np.float32(1.0)
         # The weights do not depend on the kernel before: the warp's rows go to L2 while that
         # kernel still runs (launched early, see launch.overlapped), then wait for its output.
         if PRE and lane == 0 and kw == 0:
@@ -984,10 +985,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             # memory (no fence, counter or read-back: see GROUP_BLOCKS).
             cuda.syncthreads()
             if ptx.SIM or warp == 0:     # (the simulator's warp collectives take the whole block)
-                _quant_group(vals[lane], bx, warp == 0, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
+                _quant_group(vals[lane], g, warp == 0, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
         elif TAIL:
             last = cuda.shared.array(1, np.int32)
-            g = cuda.blockIdx.x // GROUP
             cuda.syncthreads()
             if cuda.threadIdx.x == 0:
                 last[0] = cuda.atomic.add(count, g, 1) == GROUP - 1
