@@ -83,8 +83,9 @@ def test_prompt_tile_bias_and_accumulate(rng, name):
 
 def dequantized_q8(act, K):
     """The values an ActBuffers' q8 holds (row 0), and its quantization step per value."""
+    g = 16 if act.x16 else 32
     q = act.xq8.copy_to_host()[0, :K].astype(np.float64)
-    d = np.repeat(act.xd.copy_to_host()[0, :K // 32].astype(np.float64), 32)
+    d = np.repeat(act.xd.copy_to_host()[0, :K // g].astype(np.float64), g)
     assert np.array_equal(act.xs.copy_to_host()[0, :K // 16], q.reshape(-1, 16).sum(1)), "sums per 16"
     return q * d, d
 
@@ -135,6 +136,29 @@ def test_decode_gated_epilogue(rng, name, mode):
     assert not nxt.count.copy_to_host().any(), "the last block of each group resets its counter"
 
 
+@pytest.mark.parametrize("plan", [None, (1, 2, 1, False, 512)])
+def test_decode_product_reads_scales_per_16(rng, monkeypatch, plan):
+    """Decoding, an input whose q8 has a scale per 16 values (an ActBuffers view with x16, as the
+    gated epilogue writes it), read from global memory or staged in shared memory first (SK)."""
+    if plan is not None:
+        monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi, nbytes: plan)
+    K, N = 512, 8
+    raw = case(rng, "Q6_K", N, K)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    x[0, :16] *= 100.0        # one block of 16 much larger: per-32 scales would lose its neighbours
+    q, d = qm.quantize_act_ref(x, 16)
+    act = ops.ActBuffers.allocate(1, K).cols16(K)
+    act.xq8.copy_to_device(q)
+    act.xd.copy_to_device(d)
+    act.xs.copy_to_device(q.reshape(1, -1, 16).sum(2, dtype=np.int32))
+    out = cuda.to_device(np.zeros((1, N), np.float32))
+    qm.qmatmul(out, qm.upload(raw, Q.Q6_K, K), act, 1, 0)
+    from gguf.quants import dequantize
+    W = dequantize(raw, Q.Q6_K).reshape(N, K).astype(np.float64)
+    want = (q.astype(np.float64) * np.repeat(d.astype(np.float64), 16, axis=1)) @ W.T
+    check(out.copy_to_host(), want, K)
+
+
 @pytest.mark.parametrize("plan,gated,group_blocks", [
     ((2, 4, 1, True, 0), False, 3), ((1, 2, 1, False, 256), False, 3), ((1, 1, 2, True, 0), True, 3),
     ((2, 1, 2, False, 256), True, 3), ((2, 1, 1, True, 0), True, 3), ((2, 1, 1, False, 0), False, 3),
@@ -159,7 +183,10 @@ def test_decode_plans(rng, monkeypatch, plan, gated, group_blocks):
         nxt = qm.qmatmul_gated(qm.upload(raw, Q.Q4_K, K), act, 0, ops.ActBuffers.allocate(1, N), ops.MODE_SILU)
         got = nxt.xf.copy_to_host()[:, :N]
         check(got, gated_act_ref(want[:, :N], want[:, N:], False), K)
-        assert np.array_equal(nxt.xq8.copy_to_host()[:, :N], qm.quantize_act_ref(got)[0]), f"seed {SEED}"
+        assert nxt.x16 == (qm.GATED_GROUP == 16)
+        q, d = qm.quantize_act_ref(got, qm.GATED_GROUP)
+        assert np.array_equal(nxt.xq8.copy_to_host()[:, :N], q), f"seed {SEED}"
+        np.testing.assert_allclose(nxt.xd.copy_to_host()[:, :N // qm.GATED_GROUP], d, rtol=1e-6)
     else:
         res = rng.standard_normal((1, N)).astype(np.float32)
         d_res = cuda.to_device(res)
@@ -332,7 +359,7 @@ def test_quantize_act_matches_reference(rng):
     ops.quantize_act(act, cuda.to_device(x), T, 0)
     q, d = qm.quantize_act_ref(x)
     assert np.array_equal(act.xq.copy_to_host().view(np.int8).reshape(T, K), q)
-    np.testing.assert_allclose(act.xd.copy_to_host(), d, rtol=1e-6)
+    np.testing.assert_allclose(act.cols(K).xd.copy_to_host(), d, rtol=1e-6)
     assert np.array_equal(act.xs.copy_to_host(), q.reshape(T, K // 16, 16).astype(np.int32).sum(2))
     np.testing.assert_array_equal(act.xf.copy_to_host(), x)
 
@@ -359,7 +386,7 @@ def test_fused_norm_and_gated_activation(rng, mode, monkeypatch):
     np.testing.assert_allclose(xf, want, rtol=2e-5, atol=2e-6)
     q, d = qm.quantize_act_ref(xf)
     assert np.array_equal(act.xq.copy_to_host().view(np.int8).reshape(T, K), q)
-    np.testing.assert_allclose(act.xd.copy_to_host(), d, rtol=1e-6)
+    np.testing.assert_allclose(act.cols(K).xd.copy_to_host(), d, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0", "Q5_1", "F16"])

@@ -35,16 +35,18 @@ class ActBuffers:
     """An activation as the products read it: [rows, K] for up to `rows` tokens."""
     xf: object     # float32 [rows, K]
     xq: object     # int32 [rows, K/4]: 4 int8 quants each (what the dp4a products read)
-    xd: object     # float32 [rows, K/32]: scale per 32
+    xd: object     # float32 [rows, K/32]: scale per 32 ([rows, K/16], a scale per 16, with x16)
     xs: object     # int32 [rows, K/16]: sum of each 16 quants
     empty: object  # float32 [0]: "no bias"
     xq8: object    # int8 view of xq [rows, K] (what the quantizers write)
     ss: object = None   # float32 [K/32] or empty: with entries, the q8 holds x * w of an RMS norm
                         # whose 1 / rms(x) is still to apply: these are x's sums of squares per 32
     eps: float = 0.0    # that norm's epsilon
-    count: object = None  # int32 [K/32], zeros between launches: the decode epilogues' counters (qmatmul.py)
+    count: object = None  # int32 [K/16], zeros between launches: the decode epilogues' counters (qmatmul.py)
     nw: object = None   # float32 [K] or None: with it, no q8 yet: the input is rmsnorm(xf) * nw, which
                         # the decode product quantizes itself (qmatmul's QIN)
+    x16: bool = False   # xd holds a scale per 16 values (the decode step's gated activations:
+                        # qmatmul.GATED_GROUP), not per 32
 
     def __post_init__(self):
         if self.ss is None:
@@ -54,9 +56,9 @@ class ActBuffers:
     def allocate(cls, rows: int, K: int) -> "ActBuffers":
         xq = cuda.device_array((rows, K // 4), np.int32)
         return cls(cuda.device_array((rows, K), np.float32), xq,
-                   cuda.device_array((rows, K // 32), np.float32), cuda.device_array((rows, K // 16), np.int32),
+                   cuda.device_array((rows, K // 16), np.float32), cuda.device_array((rows, K // 16), np.int32),
                    cuda.device_array(0, np.float32), xq.view(np.int8),
-                   count=cuda.to_device(np.zeros(max(1, K // 32), np.int32)))
+                   count=cuda.to_device(np.zeros(max(1, K // 16), np.int32)))
 
     def _view(self, key, make) -> "ActBuffers":
         views = self.__dict__.setdefault("_views", {})
@@ -71,6 +73,12 @@ class ActBuffers:
         return self._view(K, lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
                                                 self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
                                                 count=self.count))
+
+    def cols16(self, K: int) -> "ActBuffers":
+        """cols(K) with a scale per 16 values (x16)."""
+        return self._view(("x16", K), lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 16],
+                                                         self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
+                                                         count=self.count, x16=True))
 
     def normed(self, x, w, eps: float) -> "ActBuffers":
         """Decoding: the input rmsnorm(x) * w (x: [1, K] float32), left for the product to quantize."""

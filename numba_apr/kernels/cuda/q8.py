@@ -7,8 +7,10 @@ by the kernel that computes the values: the products' epilogues (qmatmul: the re
 after wo / w_down, the gated activation after gate/up) and decode attention, so a decode step
 has no quantizer launches at all.
 
-`quant32` quantizes 32 values a warp holds, one a lane; `quant8` the same block from 4 threads
-of 8 values each, for a block that quantizes its own input into shared memory (a decode
+`quant32` quantizes 32 values a warp holds, one a lane; `quant16` the same 32 values as two
+blocks of 16, each with its own scale (the decode step's gated activations: see
+qmatmul.GATED_GROUP; a consumer reads such a q8 through an ActBuffers view with `x16`);
+`quant8` a block of 32 from 4 threads of 8 values each, for a block that quantizes its own input into shared memory (a decode
 product's QIN, qmatmul.py): both give the same q8. `gated` is the activation of a gated
 feed-forward, act(gate) * up.
 """
@@ -59,6 +61,23 @@ def quant32(v, store, xq8, xd, xs, t, b):
             xd[t, b] = amax / np.float32(127.0)
             xs[t, 2 * b] = lo
             xs[t, 2 * b + 1] = hi
+
+
+@cuda_jit(device=True)
+def quant16(v, store, xq8, xd, xs, t, b):
+    """Quantize the warp's 32 values (v: this lane's) as the 16-value q8 blocks b (lanes 0-15)
+    and b + 1 (lanes 16-31) of token t, each with its own scale xd[t, b ..] and sum xs[t, b ..];
+    written only when `store`. A warp collective (see ptx.py); the halves do not mix."""
+    lane = cuda.threadIdx.x & 31
+    amax = ptx.lanes_max(abs(v), 16)
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    q = round_away(v * inv)
+    n = ptx.lanes_sum(q, 16)
+    if store:
+        xq8[t, 16 * b + lane] = q
+        if (lane & 15) == 0:
+            xd[t, b + (lane >> 4)] = amax / np.float32(127.0)
+            xs[t, b + (lane >> 4)] = n
 
 
 @cuda_jit(device=True)

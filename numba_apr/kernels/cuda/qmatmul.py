@@ -59,7 +59,7 @@ from ..._numba import cuda_jit
 from ...errors import NumbaAprError
 from . import ptx
 from .launch import launch, overlapped
-from .q8 import gated, quant8, quant32
+from .q8 import gated, quant8, quant16, quant32
 
 WARPS = 4            # rows (warps) per block
 PREFILL_NT = 8       # tokens per block for prompts
@@ -360,10 +360,11 @@ UNITS = {Q.Q4_0: _unit_q4_0, Q.Q4_1: _unit_q4_1, Q.Q5_0: _unit_q5_0, Q.Q5_1: _un
 # ---------------------------------------------------------------------------------------------
 # The product kernel, built per (type, tile width).
 
-def _dots(load4):
+def _dots(load4, XSH=5):
     """(unit_dot, row_unit) reading the q8 activations with load4(xq, t, j) -> xq[t, j..j+3]:
     ptx.ldg4_2d where they are in global memory, ptx.ld4_2d where a block staged them in shared
-    memory (the decode plan's SK)."""
+    memory (the decode plan's SK); a scale xd per 2**XSH values (32, or 16: an ActBuffers view
+    with x16). Every half unit is 16 values from a multiple of 16, so either way one scale."""
     @cuda_jit(device=True)
     def half_dot(xq, t, e, q0, q1, q2, q3):
         """dot of 16 quants (4 words) with the activation bytes x[t, e .. e+16), read in one
@@ -383,7 +384,7 @@ def _dots(load4):
         s1 = half_dot(xq, t, e1, h0, h1, h2, h3)
         a0 = d0 * np.float32(s0) + m0 * np.float32(_ld2(xs, t, e0 >> 4))
         a1 = d1 * np.float32(s1) + m1 * np.float32(_ld2(xs, t, e1 >> 4))
-        return _ld2(xd, t, e0 >> 5) * a0 + _ld2(xd, t, e1 >> 5) * a1
+        return _ld2(xd, t, e0 >> XSH) * a0 + _ld2(xd, t, e1 >> XSH) * a1
 
     @cuda_jit(device=True, inline=True)
     def row_unit(unit, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs):
@@ -399,12 +400,13 @@ _unit_dot_shared = _dots(ptx.ld4_2d)[0]
 
 
 @cuda_jit(device=True)
-def _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, r):
-    """Row r's quants, high bits and scales into L2 (three streams, see DeviceMatrix)."""
-    ptx.prefetch_l2(w, r * s_qs, s_qs)
+def _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, n):
+    """Rows r .. r + n's quants, high bits and scales into L2: each of the three streams (see
+    DeviceMatrix) holds its rows one after another, so one bulk prefetch a stream."""
+    ptx.prefetch_l2(w, r * s_qs, n * s_qs)
     if s_qh > 0:
-        ptx.prefetch_l2(w, o_qh + r * s_qh, s_qh)
-    ptx.prefetch_l2(w, o_sc + r * s_sc, s_sc)
+        ptx.prefetch_l2(w, o_qh + r * s_qh, n * s_qh)
+    ptx.prefetch_l2(w, o_sc + r * s_sc, n * s_sc)
 
 
 @cuda_jit(device=True)
@@ -525,8 +527,15 @@ LONG_ROW_UNITS = 512
 # instructions a warp (ptxas + nvdisasm, no GPU): predicted -8% a token, it gave -2%. On an H200,
 # a bound of 6 MiB (the 0.5B's products keep PRE, the 1.5B's feed-forward and the 7B's do not):
 # 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
+# Since then, one thread a block sends the block's rows (they are consecutive), not one a warp
+# its own: each prefetch was ~40 instructions (64-bit addresses, a loop that makes them uniform)
+# a warp issued, ~20% of a 1.5B gate/up warp's. Measured on an H100 (chained steps at position
+# 64, one host, each twice): 1.5B 1,011 -> 989 us, 0.5B 571.5 -> 562. And with the gated
+# products' 16-value q8 blocks (GATED_GROUP), the bound lowered to 12 MiB (the 1.5B's gate/up,
+# 15.5 MB, then sends nothing ahead; no other product of the three models changes): 1.5B 951 ->
+# 927 us (PRE then bought its first wave nothing that its own loads ahead of the wait did not).
 # NUMBA_APR_PREFETCH sets it (to measure it).
-PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 16 << 20)
+PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 12 << 20)
 # Tried and not kept: products without PRE (the 7B's gate/up and down) sending their rows to L2
 # trip by trip, 1, 2 or 4 trips ahead of their loads (one `cp.async.bulk.prefetch.L2` a stream,
 # by a row's first lane). ncu (one eager 7B step, H100) had the down product (896 blocks, 0.85
@@ -588,6 +597,20 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # a 1024-thread block allows no more). Not for the 0.5B's gated product (two rows a warp, QIN:
 # 16 warps, 96 registers capped to 64): 565 -> 607-611. Bit 1: EPI_GATED, bit 2: EPI_QUANT.
 GROUP_BLOCKS = _env_int("NUMBA_APR_GROUP_BLOCKS", 3)
+# Values a q8 block of the gated products' output (decoding): 16, each with its own scale, where
+# the rest of the q8 is 32 (quant16; the down product reads it through a view with x16). A LOCAL
+# block is a q8 block of rows, and a LOCAL block of 32 warps of 64 registers takes a whole
+# multiprocessor: the 1.5B's gate/up (8,960 rows: 280 blocks on 132 multiprocessors) ran 3 waves
+# for 2.12 waves of work. Measured on an H100 (the product alone, chained launches, weights
+# rotated past L2): 8,448 rows (2 waves) 9.6 us, 8,960 rows 13.0 us, 12,672 (3 waves) 13.8.
+# Blocks of 16 warps, two a multiprocessor, cut the last wave to 16 rows a block. Predicted:
+# 1.5B gate/up 13.0 -> ~10.5 us (-50 to -70 us a step). Measured, same bench: 8,960 rows 9.7 us
+# (8,448: 8.1); chained steps at position 64 (one host): 1.5B 1,006 -> 951 us with the block-
+# wide PRE below. The finer scales make the q8 closer to the values, not coarser. NUMBA_APR_
+# GATED_GROUP=32 sets the old blocks of 32 (to measure it).
+GATED_GROUP = _env_int("NUMBA_APR_GATED_GROUP", 16)
+if GATED_GROUP not in (16, 32):
+    raise NumbaAprError(f"NUMBA_APR_GATED_GROUP must be 16 or 32, got {GATED_GROUP}")
 
 
 # Tried and not kept: gate/up kernels (EPI_GATED) capped at 56 registers. ncu (one eager step,
@@ -770,31 +793,38 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
 
 
 @cuda_jit(device=True, inline=True)
-def _quant_group(v, g, store, nwv, q8, qd, qs, ss_out, sums):
-    """q8 block g of a decode product's output from a warp's 32 values (v: this lane's, value
-    32 g + lane): of v * nwv (this lane's norm weight, or 1); with `sums`, also ss_out[g] = the
-    sum of v^2 (where ss_out has entries). Written only where `store`. A warp collective (see
-    quant32)."""
-    quant32(v * nwv, store, q8, qd, qs, 0, g)
+def _quant_group(v, g, G, store, nwv, q8, qd, qs, ss_out, sums):
+    """q8 block g of G values (32, or 16: see GATED_GROUP) of a decode product's output from a
+    warp's values (v: this lane's, value G g + lane): of v * nwv (this lane's norm weight, or 1);
+    with `sums`, also ss_out[g] = the sum of v^2 (where ss_out has entries). Written only where
+    `store` (with G = 16, lanes 16-31 must not store). A warp collective (see quant32)."""
+    if G == 16:
+        quant16(v * nwv, store, q8, qd, qs, 0, g)
+    else:
+        quant32(v * nwv, store, q8, qd, qs, 0, g)
     if sums and ss_out.shape[0] > 0:
         s2 = ptx.warp_sum(v * v)
         if store and (cuda.threadIdx.x & 31) == 0:
             ss_out[g] = s2
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False, X16=False):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
     assert not LOCAL or (KS == 1 and RW == 1 and EPI in (EPI_QUANT, EPI_GATED)), (EPI, KS, RW)
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
-    RWB = 32 if LOCAL else WARPS         # warps of rows a block (LOCAL: a whole q8 block of rows)
-    GROUP = 32 // (WARPS * RW)           # blocks a 32-value q8 block of the output takes (not LOCAL)
+    assert not (QIN and X16), "QIN quantizes its input itself, a scale per 32"
+    G = GATED_GROUP if EPI == EPI_GATED else 32   # values a q8 block of the output
+    RWB = G if LOCAL else WARPS          # warps of rows a block (LOCAL: a whole q8 block of rows)
+    GROUP = G // (WARPS * RW)            # blocks a q8 block of the output takes (not LOCAL)
     NWB = RWB * KS                       # warps a block (a plain constant: a shared array's shape)
     TAIL = EPI in (EPI_QUANT, EPI_GATED)
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
-    fetch1, dots = _make_fetcher(unit, EPI, RW, _unit_dot_shared if SK else _unit_dot)
-    fetch2 = _make_fetcher(unit2, EPI, RW, _unit_dot)[0] if TWO else fetch1
+    XSH = 4 if X16 else 5                # the input's scales: one per 2**XSH values
+    unit_dot = _dots(ptx.ld4_2d if SK else ptx.ldg4_2d, XSH)[0]
+    fetch1, dots = _make_fetcher(unit, EPI, RW, unit_dot)
+    fetch2 = _make_fetcher(unit2, EPI, RW, unit_dot)[0] if TWO else fetch1
     NP = NA * UNROLL                     # units a lane holds: a trip's
 
     @cuda_jit(device=True, inline=True)
@@ -819,7 +849,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     NTHR = 32 * NWB
     QT = max(1, -(-SK // (8 * NTHR)))    # QIN: trips of 8 input values a thread
     # shared shapes: plain constants, never 0 (sq: 3 words spare for aligned16)
-    SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) // 32, max(SK, 32) // 16
+    SQ, SD, SX = max(SK, 32) // 4 + 3, max(SK, 32) >> XSH, max(SK, 32) // 16
 
     @overlapped
     @cuda_jit(**({"max_registers": 64} if LOCAL else {}))   # (1024 threads a block: 64 at most)
@@ -864,18 +894,23 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 base += out[0, rr]
         if TAIL:                         # the output's q8 block g: this lane's norm weight in it
             g = bx if LOCAL else bx // GROUP
-            nwv = nw[32 * g + lane] if nw.shape[0] > 0 else np.float32(1.0)
+            nwv = nw[32 * g + lane] if EPI == EPI_QUANT and nw.shape[0] > 0 else np.float32(1.0)
         # The weights do not depend on the kernel before: the warp's rows go to L2 while that
         # kernel still runs (launched early, see launch.overlapped), then wait for its output.
-        if PRE and lane == 0 and kw == 0:
-            ra, rb = min(r, rows - 1), min(r1, rows - 1)
-            _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, ra)
-            if RW == 2:
-                _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, rb)
-            if EPI == EPI_GATED:
-                _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, ra + half)
-                if RW == 2:
-                    _prefetch_row(w, o_qh, o_sc, s_qs, s_qh, s_sc, rb + half)
+        if PRE:
+            if EPI == EPI_ROPE:          # (RoPE pairs: rows a head dimension apart)
+                if lane == 0 and kw == 0:
+                    _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r, rows - 1), 1)
+                    _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r1, rows - 1), 1)
+            elif cuda.threadIdx.x == 0:
+                # The block's rows are consecutive: one thread sends them all, a prefetch a
+                # stream (per warp, the ~40 instructions of each prefetch were ~20% of what a
+                # 1.5B gate/up warp issues).
+                r0 = bx * RWB * RW
+                nr = min(RWB * RW, (half if EPI == EPI_GATED else rows) - r0)
+                _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, nr)
+                if EPI == EPI_GATED:
+                    _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, r0 + half, nr)
         # The first trip's units, into registers before the wait as well (a 0.5B's rows are all
         # one trip): after it, only the activations are read. Measured on an H100 (same host,
         # tg128): 0.5B 1505 -> 1595 tok/s, 1.5B 761 -> 777, 7B 305.6 -> 316.7; chained 0.5B
@@ -922,7 +957,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 sq[0, i + 1] = a1
                 sq[0, i + 2] = a2
                 sq[0, i + 3] = a3
-            for i in range(tid, SK // 32, NTHR):
+            for i in range(tid, SK >> XSH, NTHR):
                 sd[0, i] = xd[0, i]
             for i in range(tid, SK // 16, NTHR):
                 sx[0, i] = xs[0, i]
@@ -973,7 +1008,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                         out[0, r] = v
                     else:
                         _store(out, bias, col + r, 0, v, accumulate_out)
-                if LOCAL:                # (one row a warp: r = 32 bx + warp)
+                if LOCAL:                # (one row a warp: r = G bx + warp)
                     vals[warp] = v
             if TAIL and not LOCAL:
                 # (tried: fence.acq_rel.gpu, SASS MEMBAR.ALL, here and in attention's and the
@@ -981,11 +1016,11 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 # 1,257 / 1,258 us a token, 0.5B 580 / 579: the fence is not what the tails cost)
                 cuda.threadfence()       # this lane's values, visible to the last block
         if TAIL and LOCAL:
-            # The block's 32 rows are a whole q8 block of the output: quantized here, from shared
+            # The block's G rows are a whole q8 block of the output: quantized here, from shared
             # memory (no fence, counter or read-back: see GROUP_BLOCKS).
             cuda.syncthreads()
             if ptx.SIM or warp == 0:     # (the simulator's warp collectives take the whole block)
-                _quant_group(vals[lane], g, warp == 0, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
+                _quant_group(vals[lane % G], g, G, warp == 0 and lane < G, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
         elif TAIL:
             last = cuda.shared.array(1, np.int32)
             cuda.syncthreads()
@@ -993,9 +1028,9 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 last[0] = cuda.atomic.add(count, g, 1) == GROUP - 1
             cuda.syncthreads()
             if last[0]:
-                i = 32 * g + lane
+                i = G * g + lane % G
                 v = cuda.atomic.add(qf, (0, i), 0.0) if EPI == EPI_GATED else cuda.atomic.add(out, (0, i), 0.0)
-                _quant_group(v, g, cuda.threadIdx.x < 32, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
+                _quant_group(v, g, G, cuda.threadIdx.x < G, nwv, q8, qd, qs, ss_out, EPI == EPI_QUANT)
                 if cuda.threadIdx.x == 0:
                     count[g] = 0
     return kernel
@@ -1342,18 +1377,20 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False):
+def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False,
+            x16=False):
     """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
     or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type;
-    qin: it quantizes its input itself), or with epi "head" the output head's, plan (UNROLL, LW)."""
-    key = (qtype, NT, tc, epi, plan, qtype2, qin, local)
+    qin: it quantizes its input itself; x16: its input has a scale per 16), or with epi "head"
+    the output head's, plan (UNROLL, LW)."""
+    key = (qtype, NT, tc, epi, plan, qtype2, qin, local, x16)
     k = _KERNELS.get(key)
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
             _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
             else _make_head_kernel(unit, *plan) if epi == "head"
-            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local)
+            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local, x16)
             if epi is not None else _make_kernel(unit, NT))
     return k
 
@@ -1367,6 +1404,7 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     bias = act.empty if bias is None else bias
     assert act.nw is None or (T == 1 and m.qtype not in FLOAT_TYPES and m.rows < HEAD_ROWS), \
         "only decode products of quantized matrices quantize their input themselves"
+    assert not act.x16 or (T == 1 and m.rows < HEAD_ROWS), "only decode products read scales per 16"
     grid_x = (m.rows + WARPS - 1) // WARPS
     if m.qtype in FLOAT_TYPES:
         launch(_float_kernel, grid_x, 32 * WARPS, stream, out, col, m.w, FLOAT_TYPES[m.qtype], m.K, m.rows,
@@ -1409,10 +1447,10 @@ def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, 
 
 
 def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
-    """Decoding, m = [gate; up] rows: act(x . gate) * (x . up) into dst (float and q8); returns
-    its view."""
+    """Decoding, m = [gate; up] rows: act(x . gate) * (x . up) into dst (float, and q8 with a
+    scale per GATED_GROUP values); returns its view."""
     half = m.rows // 2
-    d = dst.cols(half)
+    d = dst.cols16(half) if GATED_GROUP == 16 else dst.cols(half)
     _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half, half, mode, act.empty, d)
     return d
 
@@ -1460,10 +1498,11 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     if qin:                       # the input staged in shared memory: quantized there (QIN)
         plan = plan[:4] + (m.K,)
     _, KS, RW, _, _ = plan
-    local = (KS == 1 and RW == 1 and not qin and n_out % 32 == 0
+    G = GATED_GROUP if epi == EPI_GATED else 32    # values a q8 block of the output
+    local = (KS == 1 and RW == 1 and not qin and n_out % G == 0
              and bool(GROUP_BLOCKS & {EPI_GATED: 1, EPI_QUANT: 2}.get(epi, 0)))
-    rwb = 32 if local else WARPS                     # warps of rows a block (the kernel's RWB)
-    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local),
+    rwb = G if local else WARPS                      # warps of rows a block (the kernel's RWB)
+    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local, x16=act.x16),
            -(-n_out // (rwb * RW)), 32 * rwb * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), act.xf, act.empty if act.nw is None else act.nw,
@@ -1475,10 +1514,11 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
 # ---------------------------------------------------------------------------------------------
 # Reference.
 
-def quantize_act_ref(x: np.ndarray):
-    """q8 activations as quantize_act computes them: int8 [T, K], scale per 32 [T, K/32]."""
+def quantize_act_ref(x: np.ndarray, group: int = 32):
+    """q8 activations as quantize_act computes them: int8 [T, K], scale per 32 [T, K/32] (or per
+    `group` values: quant16's 16)."""
     T, K = x.shape
-    xb = x.reshape(T, K // 32, 32).astype(np.float32)
+    xb = x.reshape(T, K // group, group).astype(np.float32)
     amax = np.abs(xb).max(axis=2)
     d = (amax / np.float32(127.0)).astype(np.float32)
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
