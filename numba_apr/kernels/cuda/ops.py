@@ -88,7 +88,7 @@ class ActBuffers:
     def pending(self, ss, eps: float) -> "ActBuffers":
         """This view with an RMS norm's 1 / rms still to apply (sums of squares ss, epsilon eps)."""
         return self._view(("ss", id(ss), eps), lambda: ActBuffers(self.xf, self.xq, self.xd, self.xs, self.empty,
-                                                                  self.xq8, ss, eps, self.count))
+                                                                  self.xq8, ss, eps, self.count, x16=self.x16))
 
 
 @cuda_jit(device=True)

@@ -608,6 +608,11 @@ GROUP_BLOCKS = _env_int("NUMBA_APR_GROUP_BLOCKS", 3)
 # (8,448: 8.1); chained steps at position 64 (one host): 1.5B 1,006 -> 951 us with the block-
 # wide PRE below. The finer scales make the q8 closer to the values, not coarser. NUMBA_APR_
 # GATED_GROUP=32 sets the old blocks of 32 (to measure it).
+# Tried and not kept: EPI_QUANT's output in blocks of 16 too (the 1.5B's wo, 48 LOCAL blocks
+# of 32 warps on 132 multiprocessors, issue-bound, would have become 96 of 16; its consumers,
+# the output head included, reading scales and sums of squares per 16). Predicted: 1.5B -20
+# to -30 us a step. Measured on an H100 (chained steps at position 64, one host, twice each):
+# 926 -> 955 us. Not looked into further (device time spent).
 GATED_GROUP = _env_int("NUMBA_APR_GATED_GROUP", 16)
 if GATED_GROUP not in (16, 32):
     raise NumbaAprError(f"NUMBA_APR_GATED_GROUP must be 16 or 32, got {GATED_GROUP}")
