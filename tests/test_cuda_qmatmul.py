@@ -147,7 +147,7 @@ def test_decode_product_reads_scales_per_16(rng, monkeypatch, plan):
     x = rng.standard_normal((1, K)).astype(np.float32)
     x[0, :16] *= 100.0        # one block of 16 much larger: per-32 scales would lose its neighbours
     q, d = qm.quantize_act_ref(x, 16)
-    act = ops.ActBuffers.allocate(1, K).cols16(K)
+    act = ops.ActBuffers.allocate(1, K).cols(K, x16=True)
     act.xq8.copy_to_device(q)
     act.xd.copy_to_device(d)
     act.xs.copy_to_device(q.reshape(1, -1, 16).sum(2, dtype=np.int32))

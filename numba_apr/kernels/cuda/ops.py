@@ -66,19 +66,13 @@ class ActBuffers:
             views[key] = make()
         return views[key]
 
-    def cols(self, K: int) -> "ActBuffers":
-        """The views for an input of K <= capacity columns, made once per K: numba.cuda builds a
-        strided view's extents row by row in Python (~0.7 ms for 512 rows, measured), more
-        than the kernel that uses it."""
-        return self._view(K, lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 32],
-                                                self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
-                                                count=self.count))
-
-    def cols16(self, K: int) -> "ActBuffers":
-        """cols(K) with a scale per 16 values (x16)."""
-        return self._view(("x16", K), lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4], self.xd[:, :K // 16],
-                                                         self.xs[:, :K // 16], self.empty, self.xq8[:, :K],
-                                                         count=self.count, x16=True))
+    def cols(self, K: int, x16: bool = False) -> "ActBuffers":
+        """The views for an input of K <= capacity columns (with x16: a scale per 16 values),
+        made once per (K, x16): numba.cuda builds a strided view's extents row by row in Python
+        (~0.7 ms for 512 rows, measured), more than the kernel that uses it."""
+        return self._view((K, x16), lambda: ActBuffers(self.xf[:, :K], self.xq[:, :K // 4],
+                                                       self.xd[:, :K // (16 if x16 else 32)], self.xs[:, :K // 16],
+                                                       self.empty, self.xq8[:, :K], count=self.count, x16=x16))
 
     def normed(self, x, w, eps: float) -> "ActBuffers":
         """Decoding: the input rmsnorm(x) * w (x: [1, K] float32), left for the product to quantize."""

@@ -47,6 +47,7 @@ activations, so a test compares only summation order.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -360,6 +361,7 @@ UNITS = {Q.Q4_0: _unit_q4_0, Q.Q4_1: _unit_q4_1, Q.Q5_0: _unit_q5_0, Q.Q5_1: _un
 # ---------------------------------------------------------------------------------------------
 # The product kernel, built per (type, tile width).
 
+@functools.lru_cache(maxsize=None)
 def _dots(load4, XSH=5):
     """(unit_dot, row_unit) reading the q8 activations with load4(xq, t, j) -> xq[t, j..j+3]:
     ptx.ldg4_2d where they are in global memory, ptx.ld4_2d where a block staged them in shared
@@ -396,7 +398,6 @@ def _dots(load4, XSH=5):
 
 
 _unit_dot, _row_unit = _dots(ptx.ldg4_2d)
-_unit_dot_shared = _dots(ptx.ld4_2d)[0]
 
 
 @cuda_jit(device=True)
@@ -813,6 +814,11 @@ def _quant_group(v, g, G, store, nwv, q8, qd, qs, ss_out, sums):
             ss_out[g] = s2
 
 
+def _out_group(epi: int) -> int:
+    """Values a q8 block of what a quantizing decode epilogue writes (GATED_GROUP)."""
+    return GATED_GROUP if epi == EPI_GATED else 32
+
+
 def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False, X16=False):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
@@ -820,7 +826,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
     assert not (QIN and X16), "QIN quantizes its input itself, a scale per 32"
-    G = GATED_GROUP if EPI == EPI_GATED else 32   # values a q8 block of the output
+    G = _out_group(EPI)                  # values a q8 block of the output
     RWB = G if LOCAL else WARPS          # warps of rows a block (LOCAL: a whole q8 block of rows)
     GROUP = G // (WARPS * RW)            # blocks a q8 block of the output takes (not LOCAL)
     NWB = RWB * KS                       # warps a block (a plain constant: a shared array's shape)
@@ -1455,7 +1461,7 @@ def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
     """Decoding, m = [gate; up] rows: act(x . gate) * (x . up) into dst (float, and q8 with a
     scale per GATED_GROUP values); returns its view."""
     half = m.rows // 2
-    d = dst.cols16(half) if GATED_GROUP == 16 else dst.cols(half)
+    d = dst.cols(half, x16=GATED_GROUP == 16)
     _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half, half, mode, act.empty, d)
     return d
 
@@ -1503,7 +1509,7 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     if qin:                       # the input staged in shared memory: quantized there (QIN)
         plan = plan[:4] + (m.K,)
     _, KS, RW, _, _ = plan
-    G = GATED_GROUP if epi == EPI_GATED else 32    # values a q8 block of the output
+    G = _out_group(epi)
     local = (KS == 1 and RW == 1 and not qin and n_out % G == 0
              and bool(GROUP_BLOCKS & {EPI_GATED: 1, EPI_QUANT: 2}.get(epi, 0)))
     rwb = G if local else WARPS                      # warps of rows a block (the kernel's RWB)
