@@ -256,6 +256,10 @@ def _cuda_core():
     return Device
 
 
+# Tried and not kept: this kernel, the embedding's and the sampler's launched with PDL (each
+# waiting at its top, as the products do), so that none of a step's 3 plain launches waits for
+# the kernel ahead to drain before it starts. Predicted -3 to -6 us a step; measured on an H100
+# (chained 1.5B steps at position 64, one host): 922 / 925 -> 925 / 925 us.
 @cuda_jit
 def _advance(pos, tokens, ring, j):
     """After the j-th step of a graph: its sampled id into ring[j], the position on by one."""

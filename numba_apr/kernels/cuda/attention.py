@@ -187,6 +187,9 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     # 1.5B step (a DRAM round trip a layer becoming an L2 one); measured on an H100 (chained
     # steps at position 64): 1,075 / 1,068 -> 1,072 / 1,065 us, then 1,067 / 1,073 -> 1,070 /
     # 1,070: within the noise. The q load after the wait is the same round trip.
+    # Tried and not kept: a lane's score summed in 4 partial sums (its D multiply-adds are one
+    # dependent chain, ~0.3 us at D = 128). Predicted -3 to -6 us a 1.5B step; measured on an
+    # H100 (chained steps at position 64, one host): 922 / 925 -> 927 / 928 us.
     AHEAD = HB == 1
     KB = DW if AHEAD else 16           # 32+ left the word array in local memory (H100, D=128, HB=6)
     JB = 32 if AHEAD else 16 if NWV <= 2 else 8

@@ -694,6 +694,13 @@ if GATED_GROUP not in (16, 32):
 # wait as the kernel means it to be. 7B 2,791 -> 2,732 us, but 1.5B 1,147 -> 1,157 (twice each,
 # on two hosts). And gate/up capped at 72 registers (the device's ptxas gave it 75, 6 blocks a
 # multiprocessor; replayed alone 1.5B 14.3 -> 12.9 us): in the step, 1.5B 1,147 -> 1,153.
+# Tried and not kept: a trip whose second units (UNROLL 2) are all past the row taking one unit a
+# lane (a warp-uniform check, compiled in only for plans where such a trip exists): the 1.5B's
+# down (280 units, two warps a row) ran its first warp 3 trips of 2 units for 5 units' work.
+# Predicted: 1.5B -10 to -20 us a step. ptxas (no GPU): the down kernels 64 -> 72 registers
+# (Q6_K) and 56 -> 64 (Q4_K). Measured on an H100 (chained steps at position 64, one host):
+# 1.5B 922 / 925 -> 938 / 938 us; with the two changes noted in attention.py and model_cuda.py
+# too, the 0.5B (whose 512-thread down takes the check in its first trip) 538 -> 578.
 # Checked since, not kept: a unit's activations loaded once for all the rows of a warp (gate and
 # up, a RoPE pair) by code that shares them explicitly. ptxas (no GPU): the 1.5B's gate/up
 # 1,520 -> 1,536 instructions, 38 global loads both, so the loads were already shared (the
