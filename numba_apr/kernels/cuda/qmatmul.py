@@ -535,6 +535,8 @@ LONG_ROW_UNITS = 512
 # products' 16-value q8 blocks (GATED_GROUP), the bound lowered to 12 MiB (the 1.5B's gate/up,
 # 15.5 MB, then sends nothing ahead; no other product of the three models changes): 1.5B 951 ->
 # 927 us (PRE then bought its first wave nothing that its own loads ahead of the wait did not).
+# Rechecked at b856a80 (H100, chained 1.5B steps at position 64, one host, twice each): 12 MiB
+# 927 / 931, 925 / 929 us; 16 MiB 947 / 949, 949 / 947; 8 MiB 952 / 951, 952 / 954.
 # NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 12 << 20)
 # Tried and not kept: products without PRE (the 7B's gate/up and down) sending their rows to L2
@@ -596,7 +598,9 @@ QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # the 1.5B from 1,126 to 1,047 us a step (gated) / 1,070 (wo's) / 981 (both); as 32-warp blocks,
 # 1,126 -> 1,091 (gated) / 1,068 (both). 7B 2,789 -> 2,793 (its gate/up at 64 registers, not 72:
 # a 1024-thread block allows no more). Not for the 0.5B's gated product (two rows a warp, QIN:
-# 16 warps, 96 registers capped to 64): 565 -> 607-611. Bit 1: EPI_GATED, bit 2: EPI_QUANT.
+# 16 warps, 96 registers capped to 64): 565 -> 607-611. Rechecked at b856a80 (wo's blocks of 32
+# warps left for 4-warp blocks and the counter, GROUP_BLOCKS = 1; same bench, 1.5B): 927 / 931,
+# 925 / 929 -> 959 / 961, 963 / 964 us. Bit 1: EPI_GATED, bit 2: EPI_QUANT.
 GROUP_BLOCKS = _env_int("NUMBA_APR_GROUP_BLOCKS", 3)
 # Values a q8 block of the gated products' output (decoding): 16, each with its own scale, where
 # the rest of the q8 is 32 (quant16; the down product reads it through a view with x16). A LOCAL
