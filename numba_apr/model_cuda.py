@@ -192,13 +192,6 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # in the product's epilogue), attention.
         if a is None:
             a = normed(L.attn_norm, qin_attn)
-        # Tried and not kept: at short contexts, attention waiting for its head's q, k and v
-        # (counts the Q/K/V product raised as each warp stored its pair: a fence, then relaxed
-        # reds; attention polling with relaxed loads, then a fence; K read through L2) rather
-        # than for the whole product (its launch boundary, ~1.4 us a layer measured). Predicted
-        # 1.5B -15 to -25 us a step, 0.5B -12 to -20. Measured on an H100 (chained steps at
-        # position 64, one host, twice each): 1.5B 932 -> 980 us, 0.5B 539 -> 563; with a
-        # release-red per count (a fence each: 6-7 a k / v warp) 1,018 and 615.
         if fuse and L.q_norm is None and c.rope_dim == c.head_dim:
             for i in range(0, len(L.qkv), 2):   # the product rotates q, k and fills the cache itself
                 qmatmul_rope(s.qkv, L.qkv[i:i + 2], a, stream, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],

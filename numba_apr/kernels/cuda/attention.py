@@ -223,6 +223,13 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         if k0 < c1:
             load_v(vv, vw, k0, c1, vstride, kvh, lane)
 
+    # Tried and not kept: at short contexts, decode's blocks waiting for their own head's q, k and
+    # v rather than (grid_dep) for the whole Q/K/V product: counts the product raised as each
+    # warp stored its pair (a fence, then relaxed reds), polled here with relaxed loads and a
+    # fence after, K then read through L2. It would save the launch boundary (~1.4 us a layer,
+    # measured). Predicted 1.5B -15 to -25 us a step, 0.5B -12 to -20. Measured on an H100
+    # (chained steps at position 64, one host, twice each): 1.5B 932 -> 980 us, 0.5B 539 -> 563;
+    # with a release-red per count (a fence each: 6-7 a k / v warp) 1,018 and 615.
     @overlapped
     @cuda_jit
     def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split,
