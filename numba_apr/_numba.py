@@ -17,6 +17,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "100000000")
 
+# The instruction-set level, chosen before Numba compiles anything: a level forced below the
+# host's lowers Numba's target CPU for the whole process (kernels/cpu/isa.py).
+from .kernels.cpu import isa  # noqa: E402,F401
 from numba import njit, prange  # noqa: E402,F401  (prange re-exported for kernel modules)
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}

@@ -2,7 +2,7 @@
 
 Every projection matrix of a type the fast kernels know is repacked once into their interleaved
 layout. The repacked bytes of a whole model live in one file,
-`<cache>/repacked/<sha256 of the GGUF>-v<layout version>.bin`: the first load writes it, matrix
+`<cache>/repacked/<sha256 of the GGUF>-v<layout version>-<instruction-set level>.bin`: the first load writes it, matrix
 by matrix, through a memory map; later loads just map it (read-only, shared with the page cache),
 so a warm start costs little more than opening the GGUF. The GGUF's hash is computed once and
 remembered against its path, size and mtime.
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .gguf_file import GGUFFile, Tensor
+from .kernels.cpu.isa import LEVEL
 from .kernels.cpu.qmatmul import GROUP, LAYOUT_VERSION, PackedMatrix, packable, repack
 from .model import Weights
 from .packaged import cache_dir
@@ -94,7 +95,7 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
         folder = cache_dir() / "repacked"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{_file_sha256(g.path, folder / 'hashes.json')}-v{LAYOUT_VERSION}.bin"
+            path = folder / f"{_file_sha256(g.path, folder / 'hashes.json')}-v{LAYOUT_VERSION}-{LEVEL}.bin"
             meta = path.with_suffix(".json")
             if path.exists() and path.stat().st_size == total and json.loads(meta.read_text()) == manifest:
                 blob = np.memmap(path, dtype=np.uint8, mode="r")

@@ -126,19 +126,24 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def usable_llama_bench(path: str) -> str:
+def usable_llama_bench(path: str, cpu_level: str | None = None) -> str:
     """llama-bench ready to run. The copy in ../shared/tools stores its library symlinks as small
     text files, and its sapphirerapids back-end dies with an illegal instruction on some VMs; so
-    the folder is copied once into the cache with real links and without that back-end."""
+    the folder is copied once into the cache with real links and without that back-end.
+    `cpu_level` (e.g. `haswell`: AVX2) keeps only that CPU back-end, so that llama.cpp runs the
+    same instruction-set level as a forced NUMBA_APR_SIMD on a CPU that has more."""
     from numba_apr.packaged import cache_dir
 
     src = os.path.dirname(os.path.abspath(path))
-    dst = cache_dir() / "llama.cpp-bin"
+    dst = cache_dir() / ("llama.cpp-bin" + (f"-{cpu_level}" if cpu_level else ""))
+    if cpu_level and not os.path.exists(os.path.join(src, f"libggml-cpu-{cpu_level}.so")):
+        sys.exit(f"error: {src} has no libggml-cpu-{cpu_level}.so")
     if not (dst / "llama-bench").exists():
         dst.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(src):
             f, out = os.path.join(src, name), dst / name
-            if "sapphirerapids" in name or out.exists() or out.is_symlink():
+            other_cpu = cpu_level and name.startswith("libggml-cpu-") and name != f"libggml-cpu-{cpu_level}.so"
+            if "sapphirerapids" in name or other_cpu or out.exists() or out.is_symlink():
                 continue
             if os.path.getsize(f) < 64 and name.startswith("lib"):  # a link stored as text
                 os.symlink(open(f).read().strip(), out)
@@ -201,6 +206,8 @@ def main():
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
+    ap.add_argument("--llama-cpu", default=None, metavar="LEVEL",
+                    help="run only this llama.cpp CPU back-end (haswell = AVX2, zen4, ...)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: our GPU backend, and llama-bench with -ngl 99 (a CUDA build)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one repetition
@@ -213,7 +220,7 @@ def main():
         print(json.dumps(one_repetition(path, a)))
         return
     if a.llama_bench and a.device == "cpu":
-        a.llama_bench = usable_llama_bench(a.llama_bench)
+        a.llama_bench = usable_llama_bench(a.llama_bench, a.llama_cpu)
     ours, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
     runs = []
     for _ in range(a.repetitions):

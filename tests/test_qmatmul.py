@@ -1,17 +1,13 @@
 """The integer products over repacked weights (kernels/cpu/qmatmul.py) against the float64
 reference (gguf-py decode + NumPy, activations quantized as llama.cpp does), on fresh random
-data every run; the repacked-weights cache (packing.py); the portable SIMD fallback."""
-import os
-import subprocess
-import sys
-
+data every run; the repacked-weights cache (packing.py). tests/test_simd_levels.py runs them
+at every other instruction-set level."""
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from test_matmul import SEED, assert_matmul_close, n_blocks_for, rng  # noqa: F401  (fixture)
+from test_matmul import assert_matmul_close, n_blocks_for, rng  # noqa: F401  (fixture)
 from test_quants import random_rows
 
-from conftest import ROOT
 from numba_apr.kernels.cpu import matmul as mm
 from numba_apr.kernels.cpu import ops
 from numba_apr.kernels.cpu import qmatmul as qm
@@ -105,22 +101,3 @@ def test_pack_weights_cache(tmp_path, monkeypatch):
     c = numba_apr.load(path, n_ctx=64)
     assert files[0].stat().st_mtime_ns != written
     assert np.array_equal(c.logits(ids), first)
-
-
-def test_portable_simd_fallback(tmp_path):
-    """The plain-LLVM-IR form of the 8-bit dot (CPUs without AVX-512 VNNI) gives the same
-    results: run the kernels in a fresh process forced to it, with its own Numba cache."""
-    code = (
-        "import numpy as np, sys; sys.path.insert(0, 'tests')\n"
-        "from numba_apr.kernels.cpu import simd, qmatmul as qm\n"
-        "from test_qmatmul import PACKED, packed_case\n"
-        "from test_matmul import assert_matmul_close\n"
-        "assert simd.MODE == 'generic'\n"
-        "rng = np.random.default_rng(%d)\n"
-        "for name in PACKED:\n"
-        "    w, x, p = packed_case(rng, name, 21, 9)\n"
-        "    assert_matmul_close(qm.qmatmul(np.zeros((9, 21), np.float32), x, p), x, w, name)\n"
-        "print('ok')\n" % (SEED % 2**32))
-    env = dict(os.environ, NUMBA_APR_SIMD="generic", NUMBA_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -38,14 +38,13 @@ from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
 from .matmul import ACT_SCHEME, QScratch, _check_f32, _check_weights, quantize_q8  # noqa: F401 (QScratch re-exported)
-from .simd import (add_i32, dot4, f32x16_buffer, fma_f32, get, hi_nibbles, i32x16_buffer, load_f16x16,
+from .simd import (Q8_BIAS, TILE, add_i32, dot4, dot4_q8, f32x16_buffer, fma_f32, get, hi_nibbles, i32x16_buffer, load_f16x16,
                    load_i8x16, load_u8x16, load_u8x64, lo_nibbles, mul_f32, mul_i32, or_u8x64, prefetch, put, shl_u8,
                    shr_u8, and_u8, splat_f32, splat_i32, store_f32x16, sub_i32, to_f32, zeros_f32x16,
                    zeros_i32x16)
 
 GROUP = 16   # weight rows interleaved together: one int32 lane each
 PREFETCH = 8192  # bytes ahead of the loads that the kernels ask the cache for (past the end is harmless)
-TILE = 8     # prompt tokens per pass over a group's weights
 
 _Q = GGMLQuantizationType
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = (int(_Q.Q4_0), int(_Q.Q4_1), int(_Q.Q5_0), int(_Q.Q5_1),
@@ -54,8 +53,9 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = (int(_Q.Q4_0), int(_Q.Q4_1), int(_Q.Q
 #: qtype -> (weights per block, bytes per block of GROUP rows) of the repacked layout.
 _LAYOUT = {Q4_0: (32, 288), Q4_1: (32, 320), Q5_0: (32, 352), Q5_1: (32, 384), Q8_0: (32, 544),
            Q4_K: (256, 2368), Q6_K: (256, 3360)}
-#: Layout version: part of the on-disk cache key, bump it when a layout changes.
-LAYOUT_VERSION = 1
+#: Layout version: part of the on-disk cache key (with the level: Q8_0's bytes follow it),
+#: bump it when a layout changes.
+LAYOUT_VERSION = 2
 
 
 def packable(qtype) -> bool:
@@ -140,7 +140,7 @@ def _pack_slab(blk, qtype):
     """Blocks of G groups [G, 16, nb, type_size] -> repacked [G, nb, unit]."""
     parts = []
     if qtype == Q8_0:
-        q = (blk[..., 2:34] ^ 0x80)
+        q = blk[..., 2:34] ^ np.uint8(Q8_BIAS)
         parts = [_f16_lanes(blk, 0), _vectors(q, 8)]
     elif qtype in (Q4_0, Q4_1, Q5_0, Q5_1):
         has_min = qtype in (Q4_1, Q5_1)
@@ -214,7 +214,7 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
     unit = 544 if qtype == Q8_0 else 288 + 32 * has_min + 64 * five
     qo = 32 + 32 * has_min + 64 * five
     # The unsigned storage offset of the type, taken back out with the activations' block sums.
-    off = 128 if qtype == Q8_0 else (8 if qtype == Q4_0 else (16 if qtype == Q5_0 else 0))
+    off = Q8_BIAS if qtype == Q8_0 else (8 if qtype == Q4_0 else (16 if qtype == Q5_0 else 0))
     acc = f32x16_buffer(nt)
     isum = i32x16_buffer(nt)
     _zero_f(acc, nt)
@@ -227,7 +227,7 @@ def _group_b32(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
                 prefetch(u, o + PREFETCH + qo + 64 * c)
                 v = load_u8x64(u, o + qo + 64 * c)
                 for t in range(nt):
-                    put(isum, t, dot4(get(isum, t), v, xq[t0 + t], 32 * b + 4 * c))
+                    put(isum, t, dot4_q8(get(isum, t), v, xq[t0 + t], 32 * b + 4 * c))
         else:
             hb = load_u8x64(u, o + qo - 64) if five else load_u8x64(u, o)
             prefetch(u, o + PREFETCH)

@@ -10,37 +10,40 @@ three vector value types, held in registers like any scalar:
     F32x16  16 float32 lanes (one per row)
 
 and intrinsics that emit LLVM vector IR for them. `dot4` is the workhorse: for each of the 16
-lanes, acc += sum over its 4 bytes of u8 weight x s8 activation, with the same 4 activation
-bytes broadcast to every lane. On a CPU with AVX-512 VNNI that is one `vpdpbusd`; elsewhere it
-is written as plain widening multiplies and adds, which LLVM lowers to what the CPU has
-(AVX2 `vpmaddwd`, NEON, ...), slower but exact. `NUMBA_APR_SIMD=generic` forces the portable
-form (the tests run both); the choice is made once, at import.
+lanes, acc += sum over its 4 bytes of weight x s8 activation, with the same 4 activation bytes
+broadcast to every lane. It is written once per instruction-set level (isa.py):
+
+    avx512vnni  one `vpdpbusd` (zmm)
+    avxvnni     two VEX `vpdpbusd` (ymm halves)
+    avx2        per ymm half `vpmaddubsw` + `vpmaddwd` by ones + `vpaddd`
+    neon        four `sdot` (128-bit quarters)
+    generic     widening multiplies and adds in plain IR, which LLVM lowers to what the CPU has
+
+`dot4` takes weights below 128 (every 4-, 5- and 6-bit type, stored unsigned): there `vpmaddubsw`
+cannot saturate (2 x 127 x 128 < 2^15) and `sdot` reads them as they are. Q8_0's full bytes
+go through `dot4_q8`, over bytes stored as the level wants them (Q8_BIAS): unsigned with +128 for
+`vpdpbusd`, whose bias the kernel takes back out with the activations' block sums; signed
+elsewhere, where AVX2 multiplies |w| by x with w's sign (`vpsignb`, llama.cpp's trick) and NEON's
+`sdot` is signed anyway. The LLVM IR of each form is made by plain functions (`dot4_ir`), so a
+test can compile it for a target this machine is not (aarch64) and read the assembly.
 
 Numba has no bounds checks here either: callers pass offsets they have validated.
 """
 from __future__ import annotations
 
-import os
-
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from ...errors import NumbaAprError
+from .isa import LEVEL
 
-
-
-def _host_has_vnni() -> bool:
-    feats = llvm.get_host_cpu_features()
-    return bool(feats.get("avx512vnni") and feats.get("avx512bw") and feats.get("avx512f"))
-
-
-#: "vnni" (AVX-512 VNNI instructions) or "generic" (portable LLVM vector IR).
-MODE = os.environ.get("NUMBA_APR_SIMD", "").lower() or ("vnni" if _host_has_vnni() else "generic")
-if MODE not in ("vnni", "generic"):
-    raise NumbaAprError(f"NUMBA_APR_SIMD must be 'vnni' or 'generic', not {MODE!r}")
+#: How Q8_0 weight bytes are stored in the repacked layout for this level: + 128 (unsigned, for
+#: `vpdpbusd`) or as they are (signed).
+Q8_BIAS = 128 if LEVEL in ("avx512vnni", "avxvnni") else 0
+#: Tokens of a prompt tile (kernels/cpu/qmatmul.py): their accumulators must fit the registers
+#: (32 zmm with AVX-512; 16 ymm or 32 q registers of half or a quarter the width elsewhere).
+TILE = 8 if LEVEL == "avx512vnni" else 4
 
 
 class Vec(types.Type):
@@ -102,6 +105,27 @@ def load_u8x64(typingctx, ary, off):
     return U8x64(ary, off), codegen
 
 
+def _f16_to_f32(builder, h):
+    """16 IEEE half bit patterns -> float32, exactly. With F16C (every level but generic) one
+    `vcvtph2ps`; the generic level builds the floats from the bits, since a CPU without F16C would
+    call a runtime helper (__extendhfsf2) that Numba's JIT does not link."""
+    if LEVEL != "generic":
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+    v16i32 = _V16I32
+    h32 = builder.zext(h, v16i32)
+    sign = builder.shl(builder.and_(h32, _vconst(v16i32, 0x8000)), _vconst(v16i32, 16))
+    em = builder.and_(h32, _vconst(v16i32, 0x7FFF))
+    exp = builder.lshr(em, _vconst(v16i32, 10))
+    # Normal numbers: rebias the exponent (15 -> 127); inf and nan: exponent 31 -> 255.
+    bits = builder.add(builder.shl(em, _vconst(v16i32, 13)), _vconst(v16i32, 112 << 23))
+    infnan = builder.add(builder.shl(em, _vconst(v16i32, 13)), _vconst(v16i32, 224 << 23))
+    bits = builder.select(builder.icmp_unsigned("==", exp, _vconst(v16i32, 31)), infnan, bits)
+    # Zeros and subnormals: mantissa x 2^-24, exact in float32.
+    sub = builder.fmul(builder.sitofp(builder.and_(em, _vconst(v16i32, 0x3FF)), _V16F32), _vconst(_V16F32, 2.0 ** -24))
+    mag = builder.select(builder.icmp_unsigned("==", exp, _vconst(v16i32, 0)), builder.bitcast(sub, v16i32), bits)
+    return builder.bitcast(builder.or_(mag, sign), _V16F32)
+
+
 def _widening_load(src_dtype, signed):
     @intrinsic
     def load(typingctx, ary, off):
@@ -109,10 +133,10 @@ def _widening_load(src_dtype, signed):
             return None
 
         def codegen(context, builder, sig, args):
-            src = ir.VectorType(ir.HalfType() if src_dtype == types.float16 else context.get_data_type(src_dtype), 16)
+            src = ir.VectorType(_I16 if src_dtype == types.float16 else context.get_data_type(src_dtype), 16)
             v = _load(builder, _addr(context, builder, sig.args[0], args[0], args[1]), src)
             if src_dtype == types.float16:
-                return builder.fpext(v, _V16F32)
+                return _f16_to_f32(builder, v)
             if src_dtype == types.float32:
                 return v
             return (builder.sext if signed else builder.zext)(v, _V16I32)
@@ -212,32 +236,97 @@ and_u8 = _byte_op("and_")    # each byte & n
 # The 8-bit dot: acc[l] += sum_{i<4} w[4l+i] * x[off+i], w unsigned, x signed.
 
 
-def _dot4_generic(builder, acc, w, xb):
-    wz = builder.zext(w, ir.VectorType(_I32, 64))
-    xs = builder.sext(xb, ir.VectorType(_I32, 64))
-    p = builder.mul(wz, xs)
+def _parts(builder, v, n):
+    """v split into n equal vectors (in order)."""
+    w = v.type.count // n
+    undef = ir.Constant(v.type, ir.Undefined)
+    return [builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, w), list(range(i * w, i * w + w))))
+            for i in range(n)]
+
+
+def _join(builder, parts):
+    """The vectors `parts` (equal types) concatenated."""
+    while len(parts) > 1:
+        a, b = parts[0], parts[1]
+        n = a.type.count
+        parts = parts[2:] + [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n))))]
+    return parts[0]
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _per_part(builder, n, acc, w, xb, op):
+    """op(acc part, w part, x part) over n equal parts, joined back into 16 lanes."""
+    return _join(builder, [op(a, b, c) for a, b, c in zip(_parts(builder, acc, n), _parts(builder, w, n),
+                                                            _parts(builder, xb, n))])
+
+
+def _avx2_madd(builder, acc, w, x):
+    """acc (8 x i32) + per lane the 4 products w (u8) x x (s8), summed: vpmaddubsw, vpmaddwd."""
+    p16 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_I16, 16), [w, x])
+    ones = _vconst(ir.VectorType(_I16, 16), 1)
+    return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(_I32, 8), [p16, ones]))
+
+
+def _generic_dot(builder, acc, w, xb, signed_w):
+    """Products in 16 bits (|w x| <= 255 x 128 fits), summed pairwise into 32-bit lanes: shapes
+    LLVM's vectoriser recognises (pmaddwd on x86)."""
+    v64i16 = ir.VectorType(_I16, 64)
+    p = builder.mul((builder.sext if signed_w else builder.zext)(w, v64i16), builder.sext(xb, v64i16))
     undef = ir.Constant(p.type, ir.Undefined)
-    for i in range(4):
-        lane = builder.shuffle_vector(p, undef, ir.Constant(_V16I32, [4 * l + i for l in range(16)]))
-        acc = builder.add(acc, lane)
-    return acc
+    v32i32 = ir.VectorType(_I32, 32)
+    pairs = builder.add(builder.sext(builder.shuffle_vector(p, undef, ir.Constant(v32i32, list(range(0, 64, 2)))), v32i32),
+                        builder.sext(builder.shuffle_vector(p, undef, ir.Constant(v32i32, list(range(1, 64, 2)))), v32i32))
+    undef = ir.Constant(v32i32, ir.Undefined)
+    even = builder.shuffle_vector(pairs, undef, ir.Constant(_V16I32, list(range(0, 32, 2))))
+    odd = builder.shuffle_vector(pairs, undef, ir.Constant(_V16I32, list(range(1, 32, 2))))
+    return builder.add(acc, builder.add(even, odd))
 
 
-@intrinsic
-def dot4(typingctx, acc, w, x, off):
-    """acc + (16 lanes: the 4 weight bytes of each lane . the 4 int8 activations x[off:off+4])."""
-    if not (acc == I32x16 and w == U8x64 and _check_1d(x, types.int8) and isinstance(off, types.Integer)):
-        return None
+def dot4_ir(builder, level, acc, w, xb, full_bytes=False):
+    """LLVM IR of acc (16 x i32) + per lane the dot of its 4 bytes of w (64 x i8) with those of
+    xb (64 x i8, signed). `full_bytes`: w holds Q8_0 bytes in the level's storage (Q8_BIAS);
+    otherwise w < 128."""
+    if level == "avx512vnni":
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [acc, w, xb])
+    if level == "avxvnni":
+        return _per_part(builder, 2, acc, w, xb, lambda a, b, c: _call(builder, "llvm.x86.avx512.vpdpbusd.256",
+                                                                         a.type, [a, b, c]))
+    if level == "avx2":
+        def madd(a, b, c):
+            if full_bytes:  # signed w: |w| x (x with w's sign), exact as |x| <= 127
+                c = _call(builder, "llvm.x86.avx2.psign.b", c.type, [c, b])
+                b = _call(builder, "llvm.abs.v32i8", b.type, [b, ir.Constant(ir.IntType(1), 0)])
+            return _avx2_madd(builder, a, b, c)
+        return _per_part(builder, 2, acc, w, xb, madd)
+    if level == "neon":
+        return _per_part(builder, 4, acc, w, xb, lambda a, b, c: _call(
+            builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", a.type, [a, b, c]))
+    return _generic_dot(builder, acc, w, xb, full_bytes)
 
-    def codegen(context, builder, sig, args):
-        x4 = _load(builder, _addr(context, builder, sig.args[2], args[2], args[3]), _I32)
-        xb = builder.bitcast(_splat(builder, x4, _V16I32), _V64I8)
-        if MODE == "vnni":
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V16I32, [_V16I32, _V64I8, _V64I8]), "llvm.x86.avx512.vpdpbusd.512")
-            return builder.call(fn, [args[0], args[1], xb])
-        return _dot4_generic(builder, args[0], args[1], xb)
-    return I32x16(acc, w, x, off), codegen
+
+def _dot4_intrinsic(full_bytes):
+    @intrinsic
+    def dot(typingctx, acc, w, x, off):
+        if not (acc == I32x16 and w == U8x64 and _check_1d(x, types.int8) and isinstance(off, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x4 = _load(builder, _addr(context, builder, sig.args[2], args[2], args[3]), _I32)
+            xb = builder.bitcast(_splat(builder, x4, _V16I32), _V64I8)
+            return dot4_ir(builder, LEVEL, args[0], args[1], xb, full_bytes)
+        return I32x16(acc, w, x, off), codegen
+    return dot
+
+
+#: dot4(acc, w, x, off): acc + (16 lanes: the 4 weight bytes of each lane, all < 128, . the 4
+#: int8 activations x[off:off+4]).
+dot4 = _dot4_intrinsic(False)
+#: dot4_q8(acc, w, x, off): the same over Q8_0's full bytes, stored as Q8_BIAS says.
+dot4_q8 = _dot4_intrinsic(True)
 
 
 # ---------------------------------------------------------------------------------------------
