@@ -49,7 +49,7 @@ for name in PACKED:
         w, x, p = packed_case(rng, name, 37, T)
         assert_matmul_close(qm.qmatmul(np.zeros((T, 37), np.float32), x, p), x, w, name)
 
-@jit
+@jit(cache=False)
 def f16_all(src, out):
     for i in range(0, src.size, 32):
         simd.store_f32x16(out, i // 2, simd.load_f16x16(src, i), 16)
