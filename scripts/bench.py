@@ -194,6 +194,18 @@ def one_repetition(path, a) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (what lscpu prints)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def fmt(xs):
     return f"{statistics.mean(xs):8.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:5.1f}"
 
@@ -239,6 +251,10 @@ def main():
     load_s, rss, gb = min(r["load_s"] for r in runs), max(r["rss_mib"] for r in runs), runs[0]["gb"]
     print(f"model {os.path.basename(path)}  ({os.path.getsize(path) / 2**20:.0f} MiB, "
           f"{gb:.3f} GB of weights per decode step), " + ("GPU" if a.device == "cuda" else f"threads {a.threads}"))
+    if a.device == "cpu":
+        from numba_apr.kernels.cpu.isa import LEVEL
+        print(f"CPU {cpu_name()}, numba_apr level {LEVEL}"
+              + (f", llama.cpp back-end {a.llama_cpu}" if a.llama_cpu else ""))
     if a.device == "cuda":
         copy = gpu_copy_bandwidth()
         bw, bw_name = (copy, copy), "of the device copy bandwidth"
