@@ -4,19 +4,21 @@ A quantized weight matrix (N rows of K weights, raw GGUF rows) is repacked once,
 into groups of GROUP = 16 rows. Within a group the blocks of the 16 rows are interleaved so that
 one 64-byte vector holds 4 consecutive weights of each of the 16 rows, already unsigned and in
 the order the dot wants them: a vector of 16 int32 lanes, one lane per row, then accumulates
-`u8 weight x s8 activation` four products at a time (`simd.dot4`, one `vpdpbusd`). Scales and
+`u8 weight x s8 activation` four products at a time (`simd.dot4`: one `vpdpbusd` with
+AVX-512 VNNI, its form for each other instruction-set level elsewhere). Scales and
 mins sit beside the quants of each block as plain per-row arrays (f16 scales, 6-bit sub-block
 scales unpacked to bytes), so the inner loop is straight-line loads, nibble masks and dots.
 
 Activations are quantized once per product to int8, exactly as llama.cpp does for the weight
 type (Q8_0 per 32, Q8_1 per 32 with its f16 block sum, Q8_K per 256); the products are exact
 int32 sums, converted to float once per block. A signed weight type is stored with an offset
-(Q8_0 + 128, Q4_0 + 8, Q5_0 + 16, Q6_K + 32) that the activation block sums take back out.
+(Q4_0 + 8, Q5_0 + 16, Q6_K + 32; Q8_0 + simd.Q8_BIAS: 128 for `vpdpbusd`, 0 elsewhere) that
+the activation block sums take back out.
 
 Repacked layouts (bytes per block of 16 rows; `_LAYOUT` has the sizes):
   32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
     d f16[16] | m f16[16] (Q4_1, Q5_1) | hb u8x64 (Q5_*) | quants
-    Q8_0 quants: 8 vectors, vector c = weights 4c..4c+3 of each row (+128).
+    Q8_0 quants: 8 vectors, vector c = weights 4c..4c+3 of each row (+ Q8_BIAS).
     4/5-bit quants: 4 vectors, vector c low nibbles = weights 4c..4c+3, high = 16+4c..16+4c+3;
     hb byte (row, i) bit c = 5th bit of weight 4c+i.
   Q4_K (256 weights): d f16[16] | dmin f16[16] | sc u8[8][16] | m u8[8][16] | 32 vectors:
