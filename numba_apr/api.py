@@ -19,6 +19,7 @@ from .chat import render_chat
 from .errors import NumbaAprError
 from .generate import GenerationStats, HostStepper, generate
 from .gguf_file import GGUFFile
+from .kernels.cpu.step import DecodeStep
 from .model import RunState, forward, load_weights
 from .packing import pack_weights
 from .sampling import Sampler, SamplingParams
@@ -55,6 +56,7 @@ class Model:
         progress(0.4, "checking tensors")
         self.weights = load_weights(self.gguf, self.config)
         self.device = device
+        self.step = None
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
         n_batch = min(N_BATCH, self.n_ctx)
         if device == "cuda":
@@ -66,6 +68,10 @@ class Model:
             if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
                 pack_weights(self.gguf, self.weights)
             self.runner, self.state = None, RunState(self.config, self.n_ctx, n_batch)
+            # Decoding: one compiled call per token where the model allows (kernels/cpu/step.py).
+            if not os.environ.get("NUMBA_APR_NOSTEP"):  # =1: decode through `forward` too (to compare)
+                self.step = DecodeStep.build(self.config, self.weights, self.state, self.weights.blob,
+                                             numba.get_num_threads())
         self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1
         self.n_past = 0
         progress(0.5, "compiling kernels")
@@ -107,7 +113,11 @@ class Model:
             chunk = ids[i:i + n_batch]
             rows = None if all_logits is None else all_logits[i:i + len(chunk)]
             if self.runner is None:
-                out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
+                out = None
+                if self.step is not None and len(chunk) == 1 and rows is None:
+                    out = self.step(int(chunk[0]), pos0 + i)
+                if out is None:
+                    out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
             else:
                 self.runner.eval(chunk, pos0 + i, want_all=rows is not None)
                 if rows is not None:

@@ -52,6 +52,7 @@ class Weights:
     output_norm: np.ndarray        # [n_embd]
     output: Tensor                 # [n_vocab, n_embd]; token_embd itself when the embeddings are tied
     layers: list[LayerWeights]
+    blob: np.ndarray | None = None  # the repacked matrices' one buffer (packing.py), when repacked
 
 
 def _vector(t: Tensor, n: int) -> np.ndarray:

@@ -140,4 +140,5 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
         G = -(-t.raw.shape[0] // GROUP)
         data = blob[off:off + n].view(np.ndarray).reshape(G, n // G)
         setattr(owner, name, PackedMatrix(t.name, t.qtype, t.raw.shape[0], t.dims[0], data))
+    w.blob = blob
     return w

@@ -9,7 +9,7 @@ n_ctx], allocated once by the caller), so nothing is allocated.
 import numba
 import numpy as np
 
-from ..._numba import pjit, prange
+from ..._numba import jit, pjit, prange
 
 
 def scores_buffer(n_ctx: int, n_threads: int) -> np.ndarray:
@@ -17,49 +17,52 @@ def scores_buffer(n_ctx: int, n_threads: int) -> np.ndarray:
     return np.zeros((n_threads, n_ctx), np.float32)
 
 
+@jit
+def attend(out, q, k_cache, v_cache, t, h, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window, sc):
+    """One (query token t, head h) pair: out[t, h*dv:(h+1)*dv], with sc[:n_ctx] as scratch."""
+    kvh = h // (n_head // n_head_kv)
+    p = pos0 + t
+    start = 0 if window <= 0 else max(0, p - window + 1)
+    n = p + 1 - start
+    qo, ko, vo, oo = h * head_dim, kvh * head_dim, kvh * head_dim_v, h * head_dim_v
+    # (Row slices, indexed from 0: Numba then knows the indices are not negative and
+    # emits no wraparound code, so the loops vectorise.)
+    qv = q[t, qo:qo + head_dim]
+    m = -np.inf
+    for j in range(n):
+        kv = k_cache[start + j, ko:ko + head_dim]
+        s = np.float32(0.0)
+        for d in range(head_dim):
+            s += qv[d] * kv[d]
+        s *= np.float32(scale)
+        sc[j] = s
+        m = max(m, s)
+    denom = np.float32(0.0)
+    for j in range(n):
+        e = np.float32(np.exp(sc[j] - m))
+        sc[j] = e
+        denom += e
+    o = out[t, oo:oo + head_dim_v]
+    o[:] = 0.0
+    for j in range(n):
+        w = sc[j]
+        v = v_cache[start + j, vo:vo + head_dim_v]
+        for d in range(head_dim_v):
+            o[d] += w * v[d]
+    inv = np.float32(1.0) / denom
+    for d in range(head_dim_v):
+        o[d] *= inv
+
+
 @pjit
 def _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
                scores, n_threads):
-    T = q.shape[0]
-    group = n_head // n_head_kv
-    n_pairs = T * n_head
+    n_pairs = q.shape[0] * n_head
     n_chunks = max(1, min(n_pairs, n_threads))
     for c in prange(n_chunks):
-        sc = scores[c]
         for th in range(c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks):
-            t, h = th // n_head, th % n_head
-            kvh = h // group
-            p = pos0 + t
-            start = 0 if window <= 0 else max(0, p - window + 1)
-            n = p + 1 - start
-            qo, ko, vo, oo = h * head_dim, kvh * head_dim, kvh * head_dim_v, h * head_dim_v
-            # (Row slices, indexed from 0: Numba then knows the indices are not negative and
-            # emits no wraparound code, so the loops vectorise.)
-            qv = q[t, qo:qo + head_dim]
-            m = -np.inf
-            for j in range(n):
-                kv = k_cache[start + j, ko:ko + head_dim]
-                s = np.float32(0.0)
-                for d in range(head_dim):
-                    s += qv[d] * kv[d]
-                s *= np.float32(scale)
-                sc[j] = s
-                m = max(m, s)
-            denom = np.float32(0.0)
-            for j in range(n):
-                e = np.float32(np.exp(sc[j] - m))
-                sc[j] = e
-                denom += e
-            o = out[t, oo:oo + head_dim_v]
-            o[:] = 0.0
-            for j in range(n):
-                w = sc[j]
-                v = v_cache[start + j, vo:vo + head_dim_v]
-                for d in range(head_dim_v):
-                    o[d] += w * v[d]
-            inv = np.float32(1.0) / denom
-            for d in range(head_dim_v):
-                o[d] *= inv
+            attend(out, q, k_cache, v_cache, th // n_head, th % n_head, pos0, n_head, n_head_kv,
+                   head_dim, head_dim_v, scale, window, scores[c])
 
 
 def attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,

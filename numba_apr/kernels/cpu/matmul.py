@@ -75,51 +75,58 @@ ACT_SCHEME = {_Q.Q8_0: ACT_Q8_0, _Q.Q4_0: ACT_Q8_0, _Q.Q5_0: ACT_Q8_0, _Q.Q4_1: 
               _Q.Q5_1: ACT_Q8_1, _Q.Q4_K: ACT_Q8_K, _Q.Q5_K: ACT_Q8_K, _Q.Q6_K: ACT_Q8_K}
 
 
-@pjit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding
+@jit(fastmath=False)  # no contraction of x * scale into the rounding: exact ggml rounding
+def quantize_blocks(xq, xd, xs, xm, x, scheme, b0, b1):
+    """Blocks b0..b1-1 of one row (1-D arrays): the int8 quants xq, the block scales xd (per 32,
+    per 256 for Q8_K), the int sums of every 16 quants xs and, for Q8_1, llama.cpp's f16 block
+    sums d * sum(q) in xm."""
+    bs = 256 if scheme == ACT_Q8_K else 32
+    for b in range(b0, b1):
+        o = b * bs
+        if scheme == ACT_Q8_K:
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for i in range(256):
+                a = abs(x[o + i])
+                if a > amax:
+                    amax, vmax = a, x[o + i]
+            if amax == 0.0:
+                xd[b] = 0.0
+                for i in range(256):
+                    xq[o + i] = 0
+            else:
+                iscale = np.float32(-127.0) / vmax
+                for i in range(256):
+                    xq[o + i] = min(127, _nearest(np.float32(iscale * x[o + i])))
+                xd[b] = np.float32(1.0) / iscale
+        else:
+            amax = np.float32(0.0)
+            for i in range(32):
+                amax = max(amax, abs(x[o + i]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+            qsum = 0
+            for i in range(32):
+                q = _nearest(np.float32(x[o + i] * inv))
+                qsum += q
+                xq[o + i] = q
+            xd[b] = _to_f16(d)
+            if scheme == ACT_Q8_1:
+                xm[b] = _to_f16(np.float32(d * np.float32(qsum)))
+    for s in range(b0 * bs // 16, b1 * bs // 16):
+        a = 0
+        for i in range(16):
+            a += np.int32(xq[16 * s + i])
+        xs[s] = a
+
+
+@pjit
 def quantize_q8(xq, xd, xs, xm, x, scheme):
     """xq[t] = x[t] as int8, with per-block scales xd[t] (per 32, or per 256 for Q8_K), int sums
     of every 16 quants xs[t] and, for Q8_1, llama.cpp's f16 block sums d * sum(q) in xm[t]."""
     T, K = x.shape
     for t in prange(T):
-        if scheme == ACT_Q8_K:
-            for b in range(K // 256):
-                o = b * 256
-                amax = np.float32(0.0)
-                vmax = np.float32(0.0)
-                for i in range(256):
-                    a = abs(x[t, o + i])
-                    if a > amax:
-                        amax, vmax = a, x[t, o + i]
-                if amax == 0.0:
-                    xd[t, b] = 0.0
-                    for i in range(256):
-                        xq[t, o + i] = 0
-                    continue
-                iscale = np.float32(-127.0) / vmax
-                for i in range(256):
-                    xq[t, o + i] = min(127, _nearest(np.float32(iscale * x[t, o + i])))
-                xd[t, b] = np.float32(1.0) / iscale
-        else:
-            for b in range(K // 32):
-                o = b * 32
-                amax = np.float32(0.0)
-                for i in range(32):
-                    amax = max(amax, abs(x[t, o + i]))
-                d = amax / np.float32(127.0)
-                inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-                qsum = 0
-                for i in range(32):
-                    q = _nearest(np.float32(x[t, o + i] * inv))
-                    qsum += q
-                    xq[t, o + i] = q
-                xd[t, b] = _to_f16(d)
-                if scheme == ACT_Q8_1:
-                    xm[t, b] = _to_f16(np.float32(d * np.float32(qsum)))
-        for s in range(K // 16):
-            a = 0
-            for i in range(16):
-                a += np.int32(xq[t, 16 * s + i])
-            xs[t, s] = a
+        quantize_blocks(xq[t], xd[t], xs[t], xm[t], x[t], scheme, 0, K // (256 if scheme == ACT_Q8_K else 32))
 
 
 @pjit(fastmath=False)  # each value one rounding, as llama.cpp's dequantized view

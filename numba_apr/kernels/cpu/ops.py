@@ -16,22 +16,43 @@ from ...quants import _bits_f32, _to_f16
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
+@jit
+def rmsnorm_row(out, x, w, eps):
+    """One row (1-D): out = x / sqrt(mean(x^2) + eps) * w. `out` may be `x`."""
+    n = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(n):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+    for i in range(n):
+        out[i] = x[i] * inv * w[i]
+
+
 @pjit
 def rmsnorm(out, x, w, eps):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w. `out` may be `x` (in place)."""
-    rows, n = x.shape
-    for r in prange(rows):
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += x[r, i] * x[r, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
-        for i in range(n):
-            out[r, i] = x[r, i] * inv * w[i]
+    for r in prange(x.shape[0]):
+        rmsnorm_row(out[r], x[r], w, eps)
 
 
 def rmsnorm_ref(x, w, eps):
     x = x.astype(np.float64)
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+
+
+@jit
+def rope_row(x, p, n_heads, head_dim, rope_dim, base, neox):
+    """`rope` on one token's row x[n_heads * head_dim] at position p."""
+    half = rope_dim // 2
+    for i in range(half):
+        theta = p * base ** (-2.0 * i / rope_dim)
+        c, s = np.float32(math.cos(theta)), np.float32(math.sin(theta))
+        for h in range(n_heads):
+            o = h * head_dim
+            a, b = (o + i, o + i + half) if neox else (o + 2 * i, o + 2 * i + 1)
+            x0, x1 = x[a], x[b]
+            x[a] = x0 * c - x1 * s
+            x[b] = x0 * s + x1 * c
 
 
 @jit
@@ -42,17 +63,8 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
     pairs dim i with i + rope_dim/2; the original (GPT-J / llama) style pairs 2i with 2i+1.
     Angles are computed in float64 once per (token, pair) and shared by all heads.
     """
-    half = rope_dim // 2
     for t in range(x.shape[0]):
-        for i in range(half):
-            theta = positions[t] * base ** (-2.0 * i / rope_dim)
-            c, s = np.float32(math.cos(theta)), np.float32(math.sin(theta))
-            for h in range(n_heads):
-                o = h * head_dim
-                a, b = (o + i, o + i + half) if neox else (o + 2 * i, o + 2 * i + 1)
-                x0, x1 = x[t, a], x[t, b]
-                x[t, a] = x0 * c - x1 * s
-                x[t, b] = x0 * s + x1 * c
+        rope_row(x[t], positions[t], n_heads, head_dim, rope_dim, base, neox)
 
 
 def rope_ref(x, positions, n_heads, head_dim, rope_dim, base, neox):
@@ -113,6 +125,21 @@ def _expf(x):
     return p * _bits_f32(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
 
 
+@jit
+def gated_span(g_row, u_row, gelu):
+    """`gated_act` on a 1-D span: g_row = act(g_row) * u_row."""
+    if gelu:
+        for i in range(g_row.shape[0]):
+            g = g_row[i]
+            a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
+                np.float32(GELU_C) * g * (np.float32(1.0) + np.float32(0.044715) * g * g)))
+            g_row[i] = a * u_row[i]
+    else:
+        for i in range(g_row.shape[0]):
+            g = g_row[i]
+            g_row[i] = g / (np.float32(1.0) + _expf(-g)) * u_row[i]
+
+
 @pjit
 def gated_act(gate, up, gelu):
     """gate = act(gate) * up, in place: SwiGLU (SiLU) or GeGLU (GELU, tanh approximation).
@@ -121,17 +148,7 @@ def gated_act(gate, up, gelu):
     nb = (n + 1023) // 1024
     for rb in prange(rows * nb):
         r, b = rb // nb, rb % nb
-        g_row, u_row = gate[r, b * 1024:min(n, b * 1024 + 1024)], up[r, b * 1024:min(n, b * 1024 + 1024)]
-        if gelu:
-            for i in range(g_row.shape[0]):
-                g = g_row[i]
-                a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
-                    np.float32(GELU_C) * g * (np.float32(1.0) + np.float32(0.044715) * g * g)))
-                g_row[i] = a * u_row[i]
-        else:
-            for i in range(g_row.shape[0]):
-                g = g_row[i]
-                g_row[i] = g / (np.float32(1.0) + _expf(-g)) * u_row[i]
+        gated_span(gate[r, b * 1024:min(n, b * 1024 + 1024)], up[r, b * 1024:min(n, b * 1024 + 1024)], gelu)
 
 
 def gated_act_ref(gate, up, gelu):
