@@ -9,6 +9,7 @@ parser takes a fraction of a second. Every malformed byte ends in a one-line `Nu
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -67,6 +68,14 @@ class Tensor:
         return self.dims[0]
 
 
+_INTEGER = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                      GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
+_FLOAT = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+MAX_NAME = 63          # ggml's GGML_MAX_NAME (64) less its terminating NUL
+MAX_DIMS = 4           # ggml's GGML_MAX_DIMS
+_INT64_MAX = (1 << 63) - 1
+
+
 class _Cursor:
     """Reads little-endian values from a buffer, turning overruns into one-line errors."""
 
@@ -76,6 +85,9 @@ class _Cursor:
     def fail(self, what):
         raise NumbaAprError(f"{self.path}: corrupt or truncated GGUF file ({what} at byte {self.pos})")
 
+    def left(self):
+        return len(self.buf) - self.pos
+
     def scalar(self, fmt):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
@@ -84,40 +96,47 @@ class _Cursor:
         self.pos += size
         return v
 
-    def string(self):
+    def string(self, strict=False):
+        """A string; `strict` (keys, tensor names): it must be UTF-8."""
         n = self.scalar("<Q")
-        if n > len(self.buf) - self.pos:
+        if n > self.left():
             self.fail(f"string of {n} bytes runs past the end")
         raw = bytes(self.buf[self.pos:self.pos + n])
+        try:
+            text = raw.decode("utf-8", errors="strict" if strict else "replace")
+        except UnicodeDecodeError:
+            self.fail("name that is not UTF-8")
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        return text
 
     def value(self, vtype):
+        """(value, element type): the element type of an array, else None."""
         if vtype == GGUFValueType.STRING:
-            return self.string()
+            return self.string(), None
         if vtype == GGUFValueType.ARRAY:
             return self.array()
         fmt = _SCALAR.get(vtype)
         if fmt is None:
             self.fail(f"unknown value type {vtype}")
-        return self.scalar(fmt)
+        return self.scalar(fmt), None
 
     def array(self):
         etype = self.scalar("<I")
         n = self.scalar("<Q")
-        if n > len(self.buf) - self.pos:
-            self.fail(f"array of {n} items runs past the end")
+        if etype == GGUFValueType.ARRAY:
+            self.fail("array of arrays (nested arrays are not allowed)")
         if etype in _NUMPY:
             dt = np.dtype(_NUMPY[etype])
-            end = self.pos + n * dt.itemsize
-            if end > len(self.buf):
-                self.fail("array runs past the end")
+            if n > self.left() // dt.itemsize:
+                self.fail(f"array of {n} items runs past the end")
             out = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos).copy()
-            self.pos = end
-            return out
+            self.pos += n * dt.itemsize
+            return out, etype
         if etype == GGUFValueType.STRING:
-            return self._string_array(n)
-        return [self.value(etype) for _ in range(n)]
+            if n > self.left() // 8:
+                self.fail(f"array of {n} strings runs past the end")
+            return self._string_array(n), etype
+        self.fail(f"array of unknown value type {etype}")
 
     def _string_array(self, n):
         # The token list of a big vocabulary: hot enough to unroll by hand.
@@ -140,7 +159,15 @@ class _Cursor:
 
 
 class GGUFFile:
-    """A parsed GGUF file: `metadata` (key -> value), `tensors` (name -> Tensor, memory-mapped)."""
+    """A parsed GGUF file: `metadata` (key -> value), `types` (key -> (value type, element type of
+    an array or None)), `tensors` (name -> Tensor, memory-mapped).
+
+    Parsing checks what llama.cpp's gguf.cpp checks: counts and lengths against the bytes left,
+    known value types, no nested arrays, unique keys and tensor names, names of at most 63 bytes,
+    1-4 dims without overflow, known tensor types and whole blocks per row, an alignment that is a
+    power of two, and tensor offsets that follow each other in order, aligned, inside the file.
+    The typed getters (`get_int`, `get_float`, `get_str`, `get_array`) check a key's type and
+    range where it is used."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -156,6 +183,7 @@ class GGUFFile:
                 raise NumbaAprError(f"{self.path} is not a GGUF file (bad magic bytes)")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.metadata: dict[str, object] = {}
+        self.types: dict[str, tuple[int, int | None]] = {}
         self.tensors: dict[str, Tensor] = {}
         self._parse(size)
 
@@ -166,34 +194,58 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise NumbaAprError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3 are)")
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-        if n_tensors > size or n_kv > size:
-            cur.fail("impossible tensor or metadata count")
+        # Smallest encodings: a key/value 8 + 1 + 4 + 1 bytes, a tensor info 8 + 1 + 4 + 8 + 4 + 8.
+        if n_kv > cur.left() // 14 or n_tensors > cur.left() // 33:
+            cur.fail(f"impossible counts ({n_tensors} tensors, {n_kv} metadata keys)")
         for _ in range(n_kv):
-            key = cur.string()
-            self.metadata[key] = cur.value(cur.scalar("<I"))
+            key = cur.string(strict=True)
+            if not key:
+                cur.fail("empty metadata key")
+            if key in self.metadata:
+                cur.fail(f"duplicate metadata key {key}")
+            vtype = cur.scalar("<I")
+            self.metadata[key], etype = cur.value(vtype)
+            self.types[key] = (vtype, etype)
         infos = []
         for _ in range(n_tensors):
-            name = cur.string()
+            name = cur.string(strict=True)
+            if not name or len(name.encode()) > MAX_NAME:
+                cur.fail(f"tensor name {name[:80]!r} is empty or longer than {MAX_NAME} bytes")
+            if name in self.tensors:
+                cur.fail(f"duplicate tensor {name}")
             n_dims = cur.scalar("<I")
-            if n_dims > 4:
-                cur.fail(f"tensor {name} has {n_dims} dimensions")
+            if not 1 <= n_dims <= MAX_DIMS:
+                cur.fail(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
             dims = tuple(cur.scalar("<Q") for _ in range(n_dims))
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if align <= 0 or align & (align - 1):
-            cur.fail(f"bad alignment {align}")
+            self.tensors[name] = None  # (names seen so far, for the duplicate check)
+        align = DEFAULT_ALIGNMENT
+        if "general.alignment" in self.metadata:
+            align = self.metadata["general.alignment"]
+            if self.types["general.alignment"][0] != GGUFValueType.UINT32 or align == 0 or align & (align - 1):
+                cur.fail(f"general.alignment {align!r} is not a power of two (u32)")
         data_start = (cur.pos + align - 1) // align * align
+        expected = 0  # tensors follow each other, each padded to the alignment (as llama.cpp requires)
         for name, dims, qtype, offset in infos:
-            self.tensors[name] = self._tensor(name, dims, qtype, data_start + offset, size)
+            if offset != expected:
+                raise NumbaAprError(f"{self.path}: tensor {name} is at offset {offset}, expected {expected} "
+                                    f"(tensors must follow each other in order, aligned to {align})")
+            t = self._tensor(name, dims, qtype, data_start + offset, size)
+            expected += -(-t.raw.nbytes // align) * align
+            self.tensors[name] = t
 
     def _tensor(self, name, dims, qtype, start, size):
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
-            # Unknown type id: keep a placeholder so the error names the tensor when it is used.
-            return Tensor(name, qtype, dims, np.empty((0, 0), np.uint8))
-        row_len = dims[0] if dims else 1
-        n_rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+            raise NumbaAprError(f"{self.path}: tensor {name} has unknown type id {qtype}") from None
+        n = 1
+        for d in dims:
+            n *= d
+        if any(d > _INT64_MAX for d in dims) or n > _INT64_MAX // type_size:
+            raise NumbaAprError(f"{self.path}: tensor {name} has impossible dimensions {list(dims)}")
+        row_len = dims[0]
+        n_rows = n // row_len if row_len else 0
         if row_len % block:
             raise NumbaAprError(f"{self.path}: tensor {name} has rows of {row_len}, not a multiple of {block}")
         row_bytes = row_len // block * type_size
@@ -203,6 +255,54 @@ class GGUFFile:
                                 f"of {size})")
         raw = self._map[start:end].view(np.ndarray).reshape(n_rows, row_bytes)
         return Tensor(name, qtype, tuple(int(d) for d in dims), raw)
+
+    # -- metadata, type-checked ------------------------------------------------------------
+    def _bad(self, key, want):
+        v = self.metadata[key]
+        shown = f"an array of {len(v)}" if self.types[key][0] == GGUFValueType.ARRAY else repr(v)[:60]
+        return NumbaAprError(f"{self.path}: metadata key {key} is {shown}, expected {want}")
+
+    def get_int(self, key: str, default=None, lo: int = 0, hi: int = _INT64_MAX):
+        """An integer-typed key in [lo, hi] (the default when absent; None if that is None)."""
+        if key not in self.metadata:
+            return default
+        v = self.metadata[key]
+        if self.types[key][0] not in _INTEGER or not lo <= v <= hi:
+            raise self._bad(key, f"an integer from {lo} to {hi}")
+        return int(v)
+
+    def get_float(self, key: str, default=None, positive: bool = True):
+        """A finite number (float or integer typed), > 0 when `positive`."""
+        if key not in self.metadata:
+            return default
+        v = self.metadata[key]
+        if self.types[key][0] not in _FLOAT | _INTEGER or not math.isfinite(v) or (positive and not v > 0):
+            raise self._bad(key, "a finite number" + (" > 0" if positive else ""))
+        return float(v)
+
+    def get_str(self, key: str, default=None):
+        if key not in self.metadata:
+            return default
+        if self.types[key][0] != GGUFValueType.STRING:
+            raise self._bad(key, "a string")
+        return self.metadata[key]
+
+    def get_bool(self, key: str, default=None):
+        if key not in self.metadata:
+            return default
+        if self.types[key][0] != GGUFValueType.BOOL:
+            raise self._bad(key, "a bool")
+        return bool(self.metadata[key])
+
+    def get_array(self, key: str, kind: str, default=None):
+        """An array whose elements are of `kind`: "str", "int" or "float" (float or integer)."""
+        if key not in self.metadata:
+            return default
+        vtype, etype = self.types[key]
+        allowed = {"str": {GGUFValueType.STRING}, "int": _INTEGER, "float": _FLOAT | _INTEGER}[kind]
+        if vtype != GGUFValueType.ARRAY or etype not in allowed:
+            raise self._bad(key, f"an array of {kind}")
+        return self.metadata[key]
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -214,4 +314,7 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        return str(self.require("general.architecture"))
+        arch = self.get_str("general.architecture")
+        if arch is None:
+            raise NumbaAprError(f"{self.path}: metadata key general.architecture is missing")
+        return arch

@@ -55,8 +55,16 @@ class Weights:
     blob: np.ndarray | None = None  # the repacked matrices' one buffer (packing.py), when repacked
 
 
-def _vector(t: Tensor, n: int) -> np.ndarray:
-    """A norm weight or bias as a float32 vector: a view for F32, decoded once otherwise."""
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _vector(t: Tensor, n: int, path: str) -> np.ndarray:
+    """A norm weight or bias as a float32 vector: a view for F32, decoded once for F16 / BF16.
+    A quantized type here is a damaged file (llama.cpp keeps these tensors in float)."""
+    if t.qtype not in _FLOAT_TYPES:
+        raise NumbaAprError(f"{path}: tensor {t.name}: type {t.type_name}, expected F32 for a norm or bias")
+    if len(t.dims) != 1:
+        raise NumbaAprError(f"{path}: tensor {t.name} has shape {list(t.dims)}, expected [{n}]")
     if t.qtype == GGMLQuantizationType.F32:
         v = t.raw.reshape(-1).view(np.float32)
     else:
@@ -75,10 +83,10 @@ def _shapes(c: Config) -> dict:
                 q_norm=c.head_dim, k_norm=c.head_dim, post_attn_norm=c.n_embd, post_ffn_norm=c.n_embd)
 
 
-def _matrix(t: Tensor, dims) -> Tensor:
+def _matrix(t: Tensor, dims, path: str) -> Tensor:
     quants.check_supported(t.qtype, t.name)
     if tuple(t.dims) != tuple(dims):
-        raise NumbaAprError(f"tensor {t.name} has shape {list(t.dims)}, expected {list(dims)}")
+        raise NumbaAprError(f"{path}: tensor {t.name} has shape {list(t.dims)}, expected {list(dims)}")
     return t
 
 
@@ -97,12 +105,12 @@ def load_weights(g: GGUFFile, c: Config) -> Weights:
         for field in c.layer_tensors:
             t = tensor(tables.LAYER_TENSORS[field].format(i=i))
             dims = shapes[field]
-            kw[field] = _matrix(t, dims) if isinstance(dims, tuple) else _vector(t, dims)
+            kw[field] = _matrix(t, dims, g.path) if isinstance(dims, tuple) else _vector(t, dims, g.path)
         layers.append(LayerWeights(**kw))
-    embd = _matrix(tensor(tables.TOKEN_EMBD), (c.n_embd, c.n_vocab))
+    embd = _matrix(tensor(tables.TOKEN_EMBD), (c.n_embd, c.n_vocab), g.path)
     output = g.tensors.get(tables.OUTPUT)
-    output = embd if output is None else _matrix(output, (c.n_embd, c.n_vocab))
-    return Weights(embd, _vector(tensor(tables.OUTPUT_NORM), c.n_embd), output, layers)
+    output = embd if output is None else _matrix(output, (c.n_embd, c.n_vocab), g.path)
+    return Weights(embd, _vector(tensor(tables.OUTPUT_NORM), c.n_embd, g.path), output, layers)
 
 
 class RunState:

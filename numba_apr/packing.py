@@ -7,6 +7,11 @@ by matrix, through a memory map; later loads just map it (read-only, shared with
 so a warm start costs little more than opening the GGUF. The GGUF's hash is computed once and
 remembered against its path, size and mtime.
 
+The cache file is input too: a file damaged after it was written (same size, same manifest,
+other bytes) must never reach the kernels. Its manifest keeps a checksum per matrix
+(kernels/cpu/checksum.py), and a load checks all of them, one pass over the file at memory
+speed (what the first decode step reads anyway); a mismatch repacks from the GGUF.
+
 Peak memory stays near one copy of the weights: after a matrix is repacked, the pages of its
 source (the GGUF map) and of its output (flushed to the file) are handed back to the kernel.
 Without a writable cache folder the repacked weights are kept in memory instead.
@@ -17,12 +22,14 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from .gguf_file import GGUFFile, Tensor
+from .kernels.cpu.checksum import checksum
 from .kernels.cpu.isa import LEVEL
 from .kernels.cpu.qmatmul import GROUP, LAYOUT_VERSION, PackedMatrix, packable, repack
 from .model import Weights
@@ -79,6 +86,18 @@ def _file_sha256(path: str, memo: Path) -> str:
     return known[key]
 
 
+def _intact(blob: np.ndarray, manifest, todo, sums) -> bool:
+    """Whether every matrix of a cache file still has the checksum it was written with. One
+    pass over the file at memory speed (the first decode step reads all of it anyway)."""
+    if not isinstance(sums, list) or len(sums) != len(manifest):
+        return False
+    for (_, _, t), entry, want in zip(todo, manifest, sums):
+        off = entry[4]
+        if checksum(blob[off:off + PackedMatrix.nbytes_for(t.qtype, t.raw.shape[0], t.dims[0])]) != want:
+            return False
+    return True
+
+
 def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
     """Replace every packable matrix of `w` by its PackedMatrix (in place; returns w)."""
     todo = [(owner, name, t) for owner, name, t in _matrices(w) if packable(t.qtype)]
@@ -97,8 +116,14 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{_file_sha256(g.path, folder / 'hashes.json')}-v{LAYOUT_VERSION}-{LEVEL}.bin"
             meta = path.with_suffix(".json")
-            if path.exists() and path.stat().st_size == total and json.loads(meta.read_text()) == manifest:
-                blob = np.memmap(path, dtype=np.uint8, mode="r")
+            if path.exists() and path.stat().st_size == total:
+                saved = json.loads(meta.read_text())
+                if isinstance(saved, dict) and saved.get("matrices") == manifest:
+                    blob = np.memmap(path, dtype=np.uint8, mode="r")
+                    if not _intact(blob, manifest, todo, saved.get("checksums")):
+                        print(f"numba_apr: {path} was damaged since it was written: repacking", file=sys.stderr)
+                        del blob
+                        blob = None
         except (OSError, ValueError):
             path = None
 
@@ -118,10 +143,12 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
                 out, tmp = None, None
         if out is None:
             out = np.empty(total, np.uint8)
+        sums = []
         for (_, _, t), off in zip(todo, offsets):
             n = PackedMatrix.nbytes_for(t.qtype, t.raw.shape[0], t.dims[0])
             G = -(-t.raw.shape[0] // GROUP)
             repack(t.name, t.raw, t.qtype, t.dims[0], out=out[off:off + n].reshape(G, n // G))
+            sums.append(checksum(out[off:off + n]))
             _drop_pages(g._map, t.raw.ctypes.data - g._map.ctypes.data, t.raw.nbytes)
             if tmp is not None:
                 out.flush()
@@ -130,7 +157,7 @@ def pack_weights(g: GGUFFile, w: Weights, use_cache: bool = True) -> Weights:
             out.flush()
             del out
             os.replace(tmp, path)
-            path.with_suffix(".json").write_text(json.dumps(manifest))
+            path.with_suffix(".json").write_text(json.dumps({"matrices": manifest, "checksums": sums}))
             blob = np.memmap(path, dtype=np.uint8, mode="r")
         else:
             blob = out

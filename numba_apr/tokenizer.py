@@ -156,8 +156,21 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf_file) -> "Tokenizer":
-        """From a parsed `numba_apr.gguf_file.GGUFFile` (its `metadata` dict)."""
-        return cls.from_metadata(gguf_file.metadata)
+        """From a parsed `numba_apr.gguf_file.GGUFFile`, every tokenizer key checked first for its
+        type, the arrays for their lengths and the special token ids for the vocabulary's range."""
+        g = gguf_file
+        n = len(g.get_array(_KEY + "tokens", "str", ()))
+        for key in (_KEY + "model", _KEY + "pre", "tokenizer.chat_template", "general.name"):
+            g.get_str(key)
+        for key, kind in (("token_type", "int"), ("scores", "float"), ("merges", "str")):
+            arr = g.get_array(_KEY + key, kind)
+            if arr is not None and key != "merges" and len(arr) != n:
+                raise NumbaAprError(f"{g.path}: {_KEY}{key} has {len(arr)} entries for {n} tokens")
+        for _, key in _ID_KEYS:
+            g.get_int(_KEY + key, lo=0, hi=n - 1)
+        for key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+            g.get_bool(_KEY + key)
+        return cls.from_metadata(g.metadata)
 
     @classmethod
     def from_metadata(cls, md: dict) -> "Tokenizer":

@@ -1,6 +1,5 @@
 """The command line and bad input: every user error is one line `error: ...` and a non-zero exit,
 never a traceback; a good run streams text and ends with the stats line."""
-import struct
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 from gguf import GGUFWriter
 
 from conftest import ROOT, SHARED
+from gguf_writer import tiny_structure, write_gguf
 
 TINY = SHARED / "models" / "tiny-qwen2-q4km.gguf"
 
@@ -90,16 +90,12 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    """Relabel one Q4_K tensor of the tiny model as IQ4_XS (same block, fewer bytes)."""
-    data = bytearray(TINY.read_bytes())
-    name = b"blk.0.attn_q.weight"
-    i = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    n_dims = struct.unpack_from("<I", data, i)[0]
-    type_at = i + 4 + 8 * n_dims
-    assert struct.unpack_from("<I", data, type_at)[0] == 12  # Q4_K
-    struct.pack_into("<I", data, type_at, 23)  # IQ4_XS
-    p = tmp_path / "iq4.gguf"
-    p.write_bytes(bytes(data))
+    """One Q4_K tensor of the tiny model as IQ4_XS (same block of 256, 136 bytes), laid out validly."""
+    kvs, tensors = tiny_structure()
+    t = next(t for t in tensors if t[0] == "blk.0.attn_q.weight")
+    assert t[2] == 12  # Q4_K
+    t[2], t[4] = 23, bytes(len(t[4]) // 144 * 136)  # IQ4_XS
+    p = write_gguf(tmp_path / "iq4.gguf", kvs, tensors)
     assert_one_line_error(run("-m", p), "blk.0.attn_q.weight", "IQ4_XS", "not support")
 
 

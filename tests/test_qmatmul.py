@@ -2,6 +2,8 @@
 reference (gguf-py decode + NumPy, activations quantized as llama.cpp does), on fresh random
 data every run; the repacked-weights cache (packing.py). tests/test_simd_levels.py runs them
 at every other instruction-set level."""
+import json
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -101,3 +103,40 @@ def test_pack_weights_cache(tmp_path, monkeypatch):
     c = numba_apr.load(path, n_ctx=64)
     assert files[0].stat().st_mtime_ns != written
     assert np.array_equal(c.logits(ids), first)
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capfd):
+    """A cache file changed after it was written (same size and manifest, one byte other
+    anywhere) is found by its checksums, never used, and written again."""
+    import numba_apr
+    from conftest import SHARED
+
+    monkeypatch.setenv("NUMBA_APR_CACHE", str(tmp_path))
+    path = SHARED / "models" / "tiny-qwen2-q4km.gguf"
+    ids = [1, 2, 3, 4]
+    first = numba_apr.load(path, n_ctx=64).logits(ids).copy()
+    (cache,) = (tmp_path / "repacked").glob("*.bin")
+    manifest = json.loads(cache.with_suffix(".json").read_text())
+    rng = np.random.default_rng()
+    for _ in range(3):
+        name, qtype, rows, k, off = manifest["matrices"][rng.integers(len(manifest["matrices"]))]
+        at = off + int(rng.integers(qm.PackedMatrix.nbytes_for(qtype, rows, k)))
+        data = bytearray(cache.read_bytes())
+        data[at] ^= 1 << int(rng.integers(8))
+        cache.write_bytes(bytes(data))
+        model = numba_apr.load(path, n_ctx=64)
+        assert "was damaged" in capfd.readouterr().err
+        assert cache.read_bytes() != bytes(data)  # written again
+        assert np.array_equal(model.logits(ids), first)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4096, 100003])
+def test_checksum_against_reference(n):
+    from numba_apr.kernels.cpu.checksum import checksum, checksum_ref
+    data = np.random.default_rng().integers(0, 256, n, dtype=np.uint8)
+    assert checksum(data) == checksum_ref(data)
+    assert checksum(data, chunks=1) == checksum(data, chunks=7)  # whatever the split
+    if n:
+        other = data.copy()
+        other[np.random.default_rng().integers(n)] ^= 0x10
+        assert checksum(other) != checksum(data)

@@ -13,6 +13,7 @@ Then detokenization, the streaming decoder, error cases, and a speed print (neve
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -66,12 +67,12 @@ def model_tokenizer(key: str) -> Tokenizer:
     return _load(str(model_path(MODELS.get(key, key))))
 
 
-class _PreOverride:
+def _PreOverride(g, pre: str):
     """A parsed GGUF with another `tokenizer.ggml.pre`: a vocabulary under a different
     pre-tokenizer (llama.cpp's ids for it were recorded on a copy of the file so edited)."""
-
-    def __init__(self, g, pre: str):
-        self.metadata = {**g.metadata, "tokenizer.ggml.pre": pre}
+    g = copy.copy(g)
+    g.metadata = {**g.metadata, "tokenizer.ggml.pre": pre}
+    return g
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,40 +42,62 @@ class Config:
     layers: tuple[LayerPlan, ...]
 
 
+#: Upper bounds on sizes read from a file, far above any real model's: a count in a hostile
+#: file must not reach an allocation or a loop before the tensors (whose bytes exist) check it.
+MAX_WIDTH = 1 << 20       # n_embd, n_ff, head sizes
+MAX_HEADS = 1 << 12
+MAX_CTX = 1 << 24
+
+
 class _Meta:
-    """Typed access to `<arch>.<key>` metadata with one-line errors."""
+    """Typed access to `<arch>.<key>` metadata with one-line errors (gguf_file's typed getters)."""
 
     def __init__(self, gguf, arch):
         self.g, self.arch = gguf, arch
 
-    def get(self, field, default=None):
-        return self.g.get(f"{self.arch}.{tables.HPARAM_KEYS[field]}", default)
+    def key(self, field):
+        return f"{self.arch}.{tables.HPARAM_KEYS[field]}"
 
-    def need(self, field):
-        v = self.get(field)
+    def int(self, field, default=None, lo=1, hi=MAX_WIDTH):
+        v = self.g.get_int(self.key(field), default, lo, hi)
         if v is None:
-            raise NumbaAprError(f"{self.g.path}: metadata key {self.arch}.{tables.HPARAM_KEYS[field]} is missing")
+            raise NumbaAprError(f"{self.g.path}: metadata key {self.key(field)} is missing")
+        return v
+
+    def float(self, field, default=None):
+        v = self.g.get_float(self.key(field), default)
+        if v is None:
+            raise NumbaAprError(f"{self.g.path}: metadata key {self.key(field)} is missing")
         return v
 
 
 def _common(g, arch, **overrides) -> dict:
-    """Hyper-parameters every architecture reads the same way."""
+    """Hyper-parameters every architecture reads the same way, each checked for its type and range
+    and against the others."""
     m = _Meta(g, arch)
-    n_embd, n_head = int(m.need("n_embd")), int(m.need("n_head"))
-    head_dim = int(m.get("head_dim", n_embd // n_head))
-    n_vocab = m.get("n_vocab")
-    if n_vocab is None:
-        n_vocab = len(g.require("tokenizer.ggml.tokens"))
-    n_layer = int(m.need("n_layer"))
+    n_embd, n_head = m.int("n_embd"), m.int("n_head", hi=MAX_HEADS)
+    n_head_kv = m.int("n_head_kv", n_head, hi=n_head)
+    if n_head % n_head_kv:
+        raise NumbaAprError(f"{g.path}: {n_head} attention heads cannot be shared by {n_head_kv} KV heads "
+                            f"({m.key('n_head_kv')} must divide {m.key('n_head')})")
+    head_dim = m.int("head_dim", max(1, n_embd // n_head))
+    n_tokens = len(g.get_array("tokenizer.ggml.tokens", "str", ()))
+    n_vocab = m.int("n_vocab", n_tokens, hi=1 << 31)
+    if n_tokens and n_vocab != n_tokens:
+        raise NumbaAprError(f"{g.path}: {m.key('n_vocab')} is {n_vocab} but the vocabulary has {n_tokens} tokens")
+    # Every layer has at least 9 tensors: a count past that is not this file's.
+    n_layer = m.int("n_layer", hi=max(1, len(g.tensors) // 9))
+    rope_dim = m.int("rope_dim", head_dim, lo=0, hi=head_dim)
+    if rope_dim % 2:
+        raise NumbaAprError(f"{g.path}: {m.key('rope_dim')} is {rope_dim}, expected an even number")
     cfg = dict(
-        arch=arch, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        n_head_kv=int(m.get("n_head_kv", n_head)), head_dim=head_dim,
-        head_dim_v=int(m.get("head_dim_v", head_dim)), n_ff=int(m.need("n_ff")),
-        n_ctx_train=int(m.get("n_ctx_train", 4096)), norm_eps=float(m.need("norm_eps")),
-        rope_neox=True, rope_dim=int(m.get("rope_dim", head_dim)),
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=m.int("head_dim_v", head_dim), n_ff=m.int("n_ff"),
+        n_ctx_train=m.int("n_ctx_train", 4096, hi=MAX_CTX), norm_eps=m.float("norm_eps"),
+        rope_neox=True, rope_dim=rope_dim,
         attn_scale=1.0 / math.sqrt(head_dim), embd_scale=1.0, act="silu",
         layer_tensors=tables.BASE_LAYER,
-        layers=(LayerPlan(float(m.get("rope_base", 10000.0)), 0),) * n_layer,
+        layers=(LayerPlan(m.float("rope_base", 10000.0), 0),) * n_layer,
     )
     cfg.update(overrides)
     return cfg
@@ -95,7 +117,7 @@ def gemma3(g) -> Config:
         "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"))
     c["embd_scale"] = math.sqrt(c["n_embd"])
     # Five sliding-window layers (local RoPE base 10k) then one global layer, repeating.
-    window = int(_Meta(g, "gemma3").get("sliding_window", 4096))
+    window = _Meta(g, "gemma3").int("sliding_window", 4096, hi=MAX_CTX)
     base = c["layers"][0].rope_base
     c["layers"] = tuple(LayerPlan(10000.0, window) if i % 6 < 5 else LayerPlan(base, 0)
                         for i in range(c["n_layer"]))
