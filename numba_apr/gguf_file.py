@@ -222,8 +222,11 @@ class GGUFFile:
         align = DEFAULT_ALIGNMENT
         if "general.alignment" in self.metadata:
             align = self.metadata["general.alignment"]
-            if self.types["general.alignment"][0] != GGUFValueType.UINT32 or align == 0 or align & (align - 1):
-                cur.fail(f"general.alignment {align!r} is not a power of two (u32)")
+            vtype = self.types["general.alignment"][0]
+            if vtype != GGUFValueType.UINT32:
+                cur.fail(f"general.alignment is of type {GGUFValueType(vtype).name}, expected UINT32")
+            if align == 0 or align & (align - 1):
+                cur.fail(f"general.alignment {align} is not a power of two")
         data_start = (cur.pos + align - 1) // align * align
         expected = 0  # tensors follow each other, each padded to the alignment (as llama.cpp requires)
         for name, dims, qtype, offset in infos:
@@ -272,11 +275,11 @@ class GGUFFile:
         return int(v)
 
     def get_float(self, key: str, default=None, positive: bool = True):
-        """A finite number (float or integer typed), > 0 when `positive`."""
+        """A finite float-typed number (llama.cpp reads these as FLOAT32), > 0 when `positive`."""
         if key not in self.metadata:
             return default
         v = self.metadata[key]
-        if self.types[key][0] not in _FLOAT | _INTEGER or not math.isfinite(v) or (positive and not v > 0):
+        if self.types[key][0] not in _FLOAT or not math.isfinite(v) or (positive and not v > 0):
             raise self._bad(key, "a finite number" + (" > 0" if positive else ""))
         return float(v)
 
@@ -295,11 +298,12 @@ class GGUFFile:
         return bool(self.metadata[key])
 
     def get_array(self, key: str, kind: str, default=None):
-        """An array whose elements are of `kind`: "str", "int" or "float" (float or integer)."""
+        """An array whose elements are of `kind`: "str", "int" (any integer type), "i32" or "float"."""
         if key not in self.metadata:
             return default
         vtype, etype = self.types[key]
-        allowed = {"str": {GGUFValueType.STRING}, "int": _INTEGER, "float": _FLOAT | _INTEGER}[kind]
+        allowed = {"str": {GGUFValueType.STRING}, "int": _INTEGER, "i32": {GGUFValueType.INT32},
+                   "float": _FLOAT}[kind]
         if vtype != GGUFValueType.ARRAY or etype not in allowed:
             raise self._bad(key, f"an array of {kind}")
         return self.metadata[key]

@@ -162,7 +162,7 @@ class Tokenizer:
         n = len(g.get_array(_KEY + "tokens", "str", ()))
         for key in (_KEY + "model", _KEY + "pre", "tokenizer.chat_template", "general.name"):
             g.get_str(key)
-        for key, kind in (("token_type", "int"), ("scores", "float"), ("merges", "str")):
+        for key, kind in (("token_type", "i32"), ("scores", "float"), ("merges", "str")):
             arr = g.get_array(_KEY + key, kind)
             if arr is not None and key != "merges" and len(arr) != n:
                 raise NumbaAprError(f"{g.path}: {_KEY}{key} has {len(arr)} entries for {n} tokens")
@@ -170,7 +170,10 @@ class Tokenizer:
             g.get_int(_KEY + key, lo=0, hi=n - 1)
         for key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
             g.get_bool(_KEY + key)
-        return cls.from_metadata(g.metadata)
+        try:
+            return cls.from_metadata(g.metadata)
+        except NumbaAprError as e:  # (the checks inside name the key, not the file)
+            raise type(e)(f"{g.path}: {e}") from None
 
     @classmethod
     def from_metadata(cls, md: dict) -> "Tokenizer":

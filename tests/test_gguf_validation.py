@@ -93,6 +93,8 @@ def test_truncated_anywhere(tmp_path, tiny):
     ("qwen2.attention.layer_norm_rms_epsilon", V.FLOAT32, float("nan"), "expected a finite number > 0"),
     ("qwen2.attention.layer_norm_rms_epsilon", V.FLOAT32, -1e-6, "expected a finite number > 0"),
     ("qwen2.rope.freq_base", V.FLOAT32, float("inf"), "rope.freq_base"),
+    ("qwen2.rope.freq_base", V.UINT32, 10000, "rope.freq_base is 10000, expected a finite number"),
+    ("general.file_type", V.FLOAT32, 15.0, "general.file_type is 15.0, expected an integer"),
     ("qwen2.context_length", V.UINT32, 0, "context_length is 0"),
     ("qwen2.embedding_length", V.UINT64, (1 << 32) + 1, "embedding_length"),
     ("general.architecture", V.UINT32, 7, "general.architecture is 7, expected a string"),
@@ -113,7 +115,8 @@ def test_tokenizer_arrays_must_match(tmp_path, tiny):
     short = set_key(kvs, "tokenizer.ggml.tokens", V.ARRAY, toks[2][:-10], V.STRING)
     _refused(write_gguf(tmp_path / "a.gguf", short, tensors), "token_type has")
     retyped = set_key(kvs, "tokenizer.ggml.token_type", V.ARRAY, ["x"] * len(toks[2]), V.STRING)
-    _refused(write_gguf(tmp_path / "b.gguf", retyped, tensors), "token_type is an array", "expected an array of int")
+    _refused(write_gguf(tmp_path / "b.gguf", retyped, tensors), "token_type is an array", "expected an array of i32")
+
 
 
 def test_tensor_roles(tmp_path, tiny):

@@ -75,6 +75,7 @@ def _common(g, arch, **overrides) -> dict:
     """Hyper-parameters every architecture reads the same way, each checked for its type and range
     and against the others."""
     m = _Meta(g, arch)
+    g.get_int("general.file_type", lo=0, hi=1 << 16)  # unused here, but a wrong type is a damaged file
     n_embd, n_head = m.int("n_embd"), m.int("n_head", hi=MAX_HEADS)
     n_head_kv = m.int("n_head_kv", n_head, hi=n_head)
     if n_head % n_head_kv:
