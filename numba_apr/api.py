@@ -20,7 +20,7 @@ from .errors import NumbaAprError
 from .generate import GenerationStats, HostStepper, generate
 from .gguf_file import GGUFFile
 from .kernels.cpu.step import DecodeStep
-from .model import RunState, forward, load_weights
+from .model import RunState, forward, forward_batch, load_weights
 from .packing import pack_weights
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -41,10 +41,15 @@ class Model:
     """A loaded model. Use `numba_apr.load()` to make one."""
 
     def __init__(self, path, n_ctx: int = 4096, threads: int | None = None,
-                 progress: Callable[[float, str], None] | None = None, device: str = "cpu"):
+                 progress: Callable[[float, str], None] | None = None, device: str = "cpu", n_seq: int = 1):
         progress = progress or (lambda frac, what: None)
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise NumbaAprError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if not isinstance(n_seq, int) or not 1 <= n_seq <= 256:
+            raise NumbaAprError(f"n_seq must be an integer from 1 to 256, got {n_seq!r}")
+        if n_seq > 1 and device != "cpu":
+            raise NumbaAprError("several sequences at once (n_seq > 1, --parallel) run on the CPU only so far")
+        self.n_seq = n_seq
         set_threads(threads)
         t0 = time.perf_counter()
         progress(0.0, "reading GGUF")
@@ -67,7 +72,7 @@ class Model:
             progress(0.45, "repacking weights")
             if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
                 pack_weights(self.gguf, self.weights)
-            self.runner, self.state = None, RunState(self.config, self.n_ctx, n_batch)
+            self.runner, self.state = None, RunState(self.config, self.n_ctx, n_batch, n_seq)
             # Decoding: one compiled call per token where the model allows (kernels/cpu/step.py).
             if not os.environ.get("NUMBA_APR_NOSTEP"):  # =1: decode through `forward` too (to compare)
                 self.step = DecodeStep.build(self.config, self.weights, self.state, self.weights.blob,
@@ -150,6 +155,22 @@ class Model:
         one[0] = token
         return self._eval(one, pos)
 
+    def _eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
+                    rows: np.ndarray) -> np.ndarray:
+        """One forward pass over tokens of several sequences (CPU): token t at position
+        positions[t] of the sequence in KV slot slots[t]. Returns the logits after the tokens
+        `rows` ([len(rows), n_vocab], a buffer the next call overwrites). The caller (the
+        server's scheduler) keeps each slot's tokens in order and within n_ctx."""
+        T = len(tokens)
+        if T == 1 and self.step is not None:
+            out = self.step(int(tokens[0]), int(positions[0]), int(slots[0]))
+            if out is not None:
+                return out
+        s = self.state
+        s.slot[:T], s.pos[:T] = slots, positions
+        return forward_batch(self.config, self.weights, s, np.asarray(tokens, np.int32), s.slot[:T], s.pos[:T],
+                             np.asarray(rows, np.int64), s.logits[:len(rows)])
+
     def _history(self) -> np.ndarray:
         return self.tokens[:self.n_past]
 
@@ -202,11 +223,14 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, device: str = "cpu", n_ctx: int = 4096,
-         threads: int | None = None, progress=None) -> Model:
-    """Load a GGUF file, or a packaged model by name (None: the default, gemma-3-270m)."""
+         threads: int | None = None, progress=None, n_seq: int = 1) -> Model:
+    """Load a GGUF file, or a packaged model by name (None: the default, gemma-3-270m).
+    n_seq > 1 gives the KV cache a slot of n_ctx positions per sequence, for the server's
+    batches of several sequences (numba_apr.server)."""
     if device not in DEVICES:
         raise NumbaAprError(f"device '{device}' is not supported (available: {', '.join(DEVICES)})")
-    return Model(packaged.resolve(model), n_ctx=n_ctx, threads=threads, progress=progress, device=device)
+    return Model(packaged.resolve(model), n_ctx=n_ctx, threads=threads, progress=progress, device=device,
+                 n_seq=n_seq)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

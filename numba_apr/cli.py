@@ -153,6 +153,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `numba-apr serve ...`: the HTTP server (numba_apr/server)
+        from .server.__main__ import main as serve
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

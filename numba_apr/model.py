@@ -21,7 +21,7 @@ from .arch import Config, tables
 from .errors import NumbaAprError
 from .gguf_file import GGUFFile, Tensor
 from .kernels.cpu import ops
-from .kernels.cpu.attention import attention, scores_buffer
+from .kernels.cpu.attention import attention_batch, scores_buffer, store_kv
 from .kernels.cpu.matmul import ActScratch, get_rows, matmul
 from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul_unchecked
 
@@ -114,47 +114,64 @@ def load_weights(g: GGUFFile, c: Config) -> Weights:
 
 
 class RunState:
-    """Every activation buffer and the KV cache, allocated once for `n_ctx` positions and
-    batches of up to `n_batch` tokens. Views of the first T rows are what a step uses."""
+    """Every activation buffer and the KV cache, allocated once for `n_seq` sequences of up to
+    `n_ctx` positions each and batches of up to `n_batch` tokens. Views of the first T rows are
+    what a step uses."""
 
-    def __init__(self, c: Config, n_ctx: int, n_batch: int):
+    def __init__(self, c: Config, n_ctx: int, n_batch: int, n_seq: int = 1):
         B, f32 = n_batch, np.float32
-        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
         self.x = np.zeros((B, c.n_embd), f32)                       # residual stream
         self.xb = np.zeros((B, c.n_embd), f32)                      # normed input of a projection
         self.q = np.zeros((B, c.n_head * c.head_dim), f32)          # queries
+        self.k = np.zeros((B, c.n_head_kv * c.head_dim), f32)       # keys, before they go to the cache
+        self.v = np.zeros((B, c.n_head_kv * c.head_dim_v), f32)     # values, likewise
         self.att = np.zeros((B, c.n_head * c.head_dim_v), f32)      # attention output (heads concatenated)
         self.proj = np.zeros((B, c.n_embd), f32)                    # output of wo / w_down
         self.gate = np.zeros((B, c.n_ff), f32)                      # ffn gate, then act(gate) * up
         self.up = np.zeros((B, c.n_ff), f32)                        # ffn up
-        self.pos = np.zeros(B, np.int64)                            # positions of the batch
+        self.pos = np.zeros(B, np.int64)                            # positions of the batch's tokens
+        self.slot = np.zeros(B, np.int64)                           # their sequences (KV cache slots)
         self.steps = np.arange(B, dtype=np.int64)                   # 0 .. B-1, to offset by pos0
         self.token = np.zeros(1, np.int32)                          # the one token of a decode step
-        self.logits = np.zeros((1, c.n_vocab), f32)                 # next-token logits (last position)
+        self.logits = np.zeros((max(1, n_seq), c.n_vocab), f32)     # next-token logits, a row per sequence
         # Activations quantized as llama.cpp does before each quantized product: [B, widest input],
         # as int8 for the repacked matrices, dequantized for the others.
         widest = max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v)
         self.qact = QScratch(B, widest)
         self.act = ActScratch(B, widest)
-        # KV cache, written in place by the K/V projections: [layer, position, kv_head * dim];
-        # float32 arrays holding values rounded to f16 (Numba has no CPU float16 arithmetic).
-        self.k_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
-        self.v_cache = np.zeros((c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
+        # KV cache: [sequence, layer, position, kv_head * dim]; float32 arrays holding values
+        # rounded to f16 (Numba has no CPU float16 arithmetic), as llama.cpp's f16 cache.
+        self.k_cache = np.zeros((n_seq, c.n_layer, n_ctx, c.n_head_kv * c.head_dim), f32)
+        self.v_cache = np.zeros((n_seq, c.n_layer, n_ctx, c.n_head_kv * c.head_dim_v), f32)
         self.scores = scores_buffer(n_ctx, numba.config.NUMBA_NUM_THREADS)  # [thread, position] attention scores
 
 
 def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
             all_logits: np.ndarray | None = None) -> np.ndarray:
-    """Run `tokens` (at positions pos0 .. pos0+T-1) through the model, filling the KV cache.
-
-    Returns the logits after the last token ([1, n_vocab], a RunState buffer), or, when
+    """Run `tokens` (at positions pos0 .. pos0+T-1 of sequence 0) through the model, filling the
+    KV cache. Returns the logits after the last token ([1, n_vocab], a RunState buffer), or, when
     `all_logits` ([T, n_vocab]) is given, fills it with the logits after every token.
-    The caller guarantees 1 <= T <= n_batch, pos0 + T <= n_ctx and valid token ids.
-    """
+    The caller guarantees 1 <= T <= n_batch, pos0 + T <= n_ctx and valid token ids."""
     T = len(tokens)
-    x, xb, q, att, proj, gate, up = (b[:T] for b in (s.x, s.xb, s.q, s.att, s.proj, s.gate, s.up))
-    pos = s.pos[:T]
+    slots, pos = s.slot[:T], s.pos[:T]
+    slots[:] = 0
     np.add(s.steps[:T], pos0, out=pos)
+    if all_logits is None:
+        return forward_batch(c, w, s, tokens, slots, pos, s.steps[T - 1:T], s.logits[:1])
+    return forward_batch(c, w, s, tokens, slots, pos, s.steps[:T], all_logits)
+
+
+def forward_batch(c: Config, w: Weights, s: RunState, tokens: np.ndarray, slots: np.ndarray,
+                  pos: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The batch `tokens`, token t at position pos[t] of the sequence in KV slot slots[t] (the
+    tokens of one sequence in order, its cache holding every earlier position), through the model.
+    out[i] gets the logits after token rows[i]; returns out.
+
+    A sequence's tokens attend to its own cache only, and every row is computed as if alone
+    (products are exact integer sums per token), so batching changes no logit."""
+    T = len(tokens)
+    x, xb, q, k, v, att, proj, gate, up = (b[:T] for b in (s.x, s.xb, s.q, s.k, s.v, s.att, s.proj, s.gate, s.up))
     gelu = c.act == "gelu"
 
     n_threads = get_num_threads()
@@ -163,20 +180,17 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
         if all(isinstance(t, PackedMatrix) and t.scheme == ts[0].scheme for t in ts):
             qmatmul_unchecked(outs, inp, ts, s.qact, n_threads)  # one pass: Q/K/V or gate/up fused
         else:
-            for out, t in zip(outs, ts):
+            for o, t in zip(outs, ts):
                 if isinstance(t, PackedMatrix):
-                    qmatmul_unchecked((out,), inp, (t,), s.qact, n_threads)
+                    qmatmul_unchecked((o,), inp, (t,), s.qact, n_threads)
                 else:
-                    matmul(out, inp, t.raw, t.qtype, s.act)
+                    matmul(o, inp, t.raw, t.qtype, s.act)
 
     get_rows(x, w.token_embd.raw, w.token_embd.qtype, tokens)
     if c.embd_scale != 1.0:
         ops.scale(x, c.embd_scale)
 
     for l, (L, plan) in enumerate(zip(w.layers, c.layers)):
-        k = s.k_cache[l, pos0:pos0 + T]
-        v = s.v_cache[l, pos0:pos0 + T]
-
         # Attention block.
         ops.rmsnorm(xb, x, L.attn_norm, c.norm_eps)
         linear((q, k, v), xb, (L.wq, L.wk, L.wv))
@@ -192,8 +206,9 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
         ops.rope(k, pos, c.n_head_kv, c.head_dim, c.rope_dim, plan.rope_base, c.rope_neox)
         ops.round_f16(k)  # the KV cache holds f16 values, as llama.cpp's does
         ops.round_f16(v)
-        attention(att, q, s.k_cache[l], s.v_cache[l], pos0, c.n_head, c.n_head_kv,
-                  c.head_dim, c.head_dim_v, c.attn_scale, plan.window, s.scores)
+        store_kv(s.k_cache, s.v_cache, l, k, v, slots, pos)
+        attention_batch(att, q, s.k_cache, s.v_cache, l, slots, pos, c.n_head, c.n_head_kv,
+                        c.head_dim, c.head_dim_v, c.attn_scale, plan.window, s.scores)
         linear((proj,), att, (L.wo,))
         if L.post_attn_norm is not None:
             ops.rmsnorm(proj, proj, L.post_attn_norm, c.norm_eps)
@@ -209,12 +224,9 @@ def forward(c: Config, w: Weights, s: RunState, tokens: np.ndarray, pos0: int,
         ops.add(x, proj)
 
     # Output head: only the rows whose logits are wanted.
-    if all_logits is None:
-        xb, out = xb[T - 1:T], s.logits
-        ops.rmsnorm(xb, x[T - 1:T], w.output_norm, c.norm_eps)
-    else:
-        out = all_logits
-        ops.rmsnorm(xb, x, w.output_norm, c.norm_eps)
-    linear((out,), xb, (w.output,))
+    R = len(rows)
+    xr = s.proj[:R]
+    ops.take_rows(xr, x, rows)
+    ops.rmsnorm(xb[:R], xr, w.output_norm, c.norm_eps)
+    linear((out,), xb[:R], (w.output,))
     return out
-

@@ -55,14 +55,35 @@ def attend(out, q, k_cache, v_cache, t, h, pos0, n_head, n_head_kv, head_dim, he
 
 
 @pjit
-def _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-               scores, n_threads):
+def _attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, head_dim_v,
+               scale, window, scores, n_threads):
+    """Token t attends over its own sequence: slot slots[t] of the caches, positions up to
+    positions[t]. Caches: [slot, layer, position, kv_head * dim]."""
     n_pairs = q.shape[0] * n_head
     n_chunks = max(1, min(n_pairs, n_threads))
     for c in prange(n_chunks):
         for th in range(c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks):
-            attend(out, q, k_cache, v_cache, th // n_head, th % n_head, pos0, n_head, n_head_kv,
-                   head_dim, head_dim_v, scale, window, scores[c])
+            t = th // n_head
+            sl = slots[t]
+            attend(out, q, k_cache[sl, layer], v_cache[sl, layer], t, th % n_head, positions[t] - t, n_head,
+                   n_head_kv, head_dim, head_dim_v, scale, window, scores[c])
+
+
+@jit
+def store_kv(k_cache, v_cache, layer, k, v, slots, positions):
+    """The K and V rows of a batch into their sequences' caches (at slot, layer, position)."""
+    for t in range(k.shape[0]):
+        k_cache[slots[t], layer, positions[t]] = k[t]
+        v_cache[slots[t], layer, positions[t]] = v[t]
+
+
+def attention_batch(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, head_dim_v,
+                    scale, window, scores):
+    """`attention` for a batch of tokens from several sequences: token t is at position
+    positions[t] of the sequence in cache slot slots[t] ([slot, layer, position, width] caches,
+    already holding every position a token sees)."""
+    _attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, head_dim_v, scale,
+               window, scores, numba.get_num_threads())
 
 
 def attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
@@ -78,8 +99,10 @@ def attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_
     n_threads = numba.get_num_threads()
     if scores is None or scores.shape[0] < n_threads or scores.shape[1] < k_cache.shape[0]:
         scores = scores_buffer(k_cache.shape[0], n_threads)
-    _attention(out, q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-               scores, n_threads)
+    T = q.shape[0]
+    attention_batch(out, q, k_cache[None, None], v_cache[None, None], 0, np.zeros(T, np.int64),
+                    np.arange(pos0, pos0 + T, dtype=np.int64), n_head, n_head_kv, head_dim, head_dim_v, scale,
+                    window, scores)
 
 
 def attention_ref(q, k_cache, v_cache, pos0, n_head, n_head_kv, head_dim, head_dim_v, scale, window):

@@ -99,6 +99,13 @@ def add(x, y):
 
 
 @jit
+def take_rows(out, x, rows):
+    """out[i] = x[rows[i]]."""
+    for i in range(rows.shape[0]):
+        out[i] = x[rows[i]]
+
+
+@jit
 def scale(x, s):
     """x *= s, in place."""
     for r in range(x.shape[0]):

@@ -375,15 +375,22 @@ def _group(out, u, col, qtype, xq, xd, xs, xm, t0, nt):
 
 @jit
 def _all_tokens(out, col, u, qtype, xq, xd, xs, xm):
-    """One group of rows times every token: tiles of TILE tokens, then the rest one by one."""
+    """One group of rows times every token: tiles of TILE tokens, then the rest in tiles of 4
+    (where TILE is 8), 2 and 1, so that a batch of 2 or 3 sequences' tokens still reads each
+    weight once per tile rather than once per token."""
     T = xq.shape[0]
     t0 = 0
     while t0 + TILE <= T:
         _group(out, u, col, qtype, xq, xd, xs, xm, t0, TILE)
         t0 += TILE
-    while t0 < T:
+    if TILE > 4 and t0 + 4 <= T:
+        _group(out, u, col, qtype, xq, xd, xs, xm, t0, 4)
+        t0 += 4
+    if t0 + 2 <= T:
+        _group(out, u, col, qtype, xq, xd, xs, xm, t0, 2)
+        t0 += 2
+    if t0 < T:
         _group(out, u, col, qtype, xq, xd, xs, xm, t0, 1)
-        t0 += 1
 
 
 @pjit

@@ -208,7 +208,9 @@ class DecodeStep:
                      np.array([p.rope_base for p in c.layers], np.float64),
                      np.array([p.window for p in c.layers], np.int64), dims, float(c.norm_eps),
                      float(c.attn_scale), float(c.embd_scale), s.x[:1], s.xb[:1], s.q[:1], s.att[:1], s.proj[:1],
-                     s.gate[:1], s.up[:1], s.k_cache, s.v_cache, s.scores, act, s.logits]
+                     s.gate[:1], s.up[:1]]
+        self.caches = (s.k_cache, s.v_cache)  # [sequence, layer, position, width]
+        self.tail = [s.scores, act, s.logits[:1]]
 
     @staticmethod
     def _entry(m: PackedMatrix, blob: np.ndarray):
@@ -229,11 +231,12 @@ class DecodeStep:
             return None
         return cls(c, w, s, blob, n_threads)
 
-    def __call__(self, token: int, pos: int) -> np.ndarray | None:
-        """Logits [1, n_vocab] after `token` at position `pos` (the KV cache gets its K and V);
-        None, having done nothing, when the calling thread's thread count is not the one checked
-        at build (then `forward` serves)."""
+    def __call__(self, token: int, pos: int, slot: int = 0) -> np.ndarray | None:
+        """Logits [1, n_vocab] after `token` at position `pos` of the sequence in KV slot `slot`
+        (whose cache gets its K and V); None, having done nothing, when the calling thread's
+        thread count is not the one checked at build (then `forward` serves)."""
         if numba.get_num_threads() != self.n:
             return None
-        _step(self.n, self.counter, token, pos, *self.args)
-        return self.args[-1]
+        k, v = self.caches
+        _step(self.n, self.counter, token, pos, *self.args, k[slot], v[slot], *self.tail)
+        return self.tail[-1]
