@@ -207,3 +207,34 @@ def test_queue_full_is_503(server):
 def test_chat_page(server):
     page = httpx.get(server + "/", timeout=LIMIT).text
     assert "<html" in page and "/v1/chat/completions" in page
+
+
+def test_chat_page_in_a_browser(server, tmp_path):
+    """Headless Chromium (Debian's, installed by the README's test command): type, send, see the
+    reply stream in."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        driver.set_page_load_timeout(LIMIT)
+        driver.get(f"{server}/?key={KEY}")
+        driver.find_element(By.ID, "input").send_keys("Hello there")
+        driver.find_element(By.ID, "send").click()
+
+        def replied(d):
+            bubbles = d.find_elements(By.CSS_SELECTOR, ".assistant")
+            return bubbles and bubbles[-1].text.strip() and d.find_element(By.ID, "status").text == ""
+        WebDriverWait(driver, LIMIT).until(replied)
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "Hello there"
+        assert driver.find_element(By.CSS_SELECTOR, ".assistant").text.strip()
+    finally:
+        driver.quit()

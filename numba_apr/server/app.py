@@ -48,6 +48,13 @@ def _num(body, name, default, lo=-math.inf, hi=math.inf, integer=False):
     return v
 
 
+def _flag(body, name):
+    v = body.get(name, False)
+    if not isinstance(v, bool):
+        raise BadRequest(400, f"'{name}' must be a boolean", name)
+    return v
+
+
 def _stops(v, name="stop"):
     if v is None:
         return []
@@ -118,14 +125,14 @@ class Server:
         bos = self.model._text_of(self.model.tokenizer.bos_id)
         return self.model.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
 
-    def start(self, ids, params, max_tokens, stop, top_logprobs=-1, freq=0.0, pres=0.0):
+    def start(self, ids, params, max_tokens, stop, top_logprobs=-1, freq=0.0, pres=0.0, ignore_eos=False):
         """Submit; returns (request, asyncio queue of its events)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if max_tokens < 0 or max_tokens > self.scheduler.n_ctx:
             max_tokens = self.scheduler.n_ctx
         req = Request(ids, params, max_tokens, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), stop,
-                      top_logprobs, freq, pres)
+                      top_logprobs, freq, pres, ignore_eos)
         try:
             self.scheduler.submit(req)
         except QueueFull as e:
@@ -239,13 +246,11 @@ def create_app(server: Server) -> FastAPI:
         else:
             lp = _num(body, "logprobs", None, 0, 20, integer=True)
             top = -1 if lp is None else int(lp)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest(400, "'stream' must be a boolean", "stream")
+        stream = _flag(body, "stream")
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         req, q = server.start(ids, _sampling(body), max_tokens, _stops(body.get("stop")), top,
                               float(_num(body, "frequency_penalty", 0.0, -2.0, 2.0)),
-                              float(_num(body, "presence_penalty", 0.0, -2.0, 2.0)))
+                              float(_num(body, "presence_penalty", 0.0, -2.0, 2.0)), _flag(body, "ignore_eos"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, obj = int(time.time()), "chat.completion" if chat else "text_completion"
         tok = server.model.tokenizer
@@ -348,7 +353,7 @@ def create_app(server: Server) -> FastAPI:
                 ids = server.ids_for_chat(msgs)
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
-            raise BadRequest(400, "'stream' must be a boolean", "stream")
+            raise BadRequest(400, "'stream' must be a boolean", "stream")  # (Ollama streams by default)
         max_tokens = int(_num(options, "num_predict", -1, -2, 1 << 30, integer=True))
         req, q = server.start(ids, _sampling(body, options), max_tokens, _stops(options.get("stop")),
                               -1, float(_num(options, "frequency_penalty", 0.0, -2.0, 2.0)),

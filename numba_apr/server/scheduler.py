@@ -47,6 +47,7 @@ class Request:
     top_logprobs: int = -1               # -1: no log-probabilities; n >= 0: the token's and n more
     frequency_penalty: float = 0.0       # OpenAI's: minus count * f and (count > 0) * p, over the
     presence_penalty: float = 0.0        # last `repeat_last_n` tokens of the sequence
+    ignore_eos: bool = False             # generate max_tokens even past an end-of-generation token
     cancelled: threading.Event = field(default_factory=threading.Event)
     # -- the scheduler's --
     slot: int = -1
@@ -224,7 +225,7 @@ class Scheduler:
             event.update(logprob=float(lp[token]), top=[(int(t), float(lp[t])) for t in top])
         if not r.t_first:
             r.t_first = time.perf_counter()
-        if token in self.tok.eog_ids:
+        if token in self.tok.eog_ids and not r.ignore_eos:
             return self._finish(r, "stop")
         r.n_gen += 1
         self.stats["generated_tokens"] += 1
