@@ -115,6 +115,18 @@ def test_concurrent_greedy_requests_match_alone(client):
     assert together == alone
 
 
+def test_next_turn_reuses_the_cached_prefix(server, client):
+    """A chat's next turn starts with what a slot already holds: only the new tokens are read."""
+    msgs = [{"role": "user", "content": "Tell me about the sea, at length, in many words please."}]
+    first = client.chat.completions.create(model="tiny-qwen2-q4km", messages=msgs, max_tokens=8, temperature=0)
+    before = _metric(server, "prompt_tokens_reused_total")
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And the mountains?"}]
+    second = client.chat.completions.create(model="tiny-qwen2-q4km", messages=msgs, max_tokens=8, temperature=0)
+    reused = _metric(server, "prompt_tokens_reused_total") - before
+    assert first.usage.prompt_tokens <= reused < second.usage.prompt_tokens
+
+
 def test_logprobs(client):
     r = client.chat.completions.create(model="tiny-qwen2-q4km", messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)

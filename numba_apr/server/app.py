@@ -160,6 +160,20 @@ async def _events(http: HTTPRequest, req: Request, q: asyncio.Queue):
         req.cancel()  # no-op once done; frees the slot when the stream was dropped
 
 
+async def _collect(http: HTTPRequest, req: Request, q: asyncio.Queue):
+    """A whole completion: (its text, its token events, the done event or None if the client left)."""
+    parts, tokens, done = [], [], None
+    async for ev in _events(http, req, q):
+        if "error" in ev:
+            raise BadRequest(500, ev["error"], kind="server_error")
+        if ev.get("done"):
+            done = ev
+        else:
+            parts.append(ev.get("text", ""))
+            tokens.append(ev)
+    return "".join(parts), tokens, done
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="numba_apr", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -223,6 +237,8 @@ def create_app(server: Server) -> FastAPI:
         tps = s["generated_tokens"] / s["busy_seconds"] if s["busy_seconds"] else 0.0
         lines = [("requests_total", "counter", "completions admitted", s["requests"]),
                  ("prompt_tokens_total", "counter", "prompt tokens admitted", s["prompt_tokens"]),
+                 ("prompt_tokens_reused_total", "counter", "prompt tokens found in a slot's cache",
+                  s["prompt_tokens_reused"]),
                  ("tokens_predicted_total", "counter", "tokens generated", s["generated_tokens"]),
                  ("predicted_tokens_seconds", "gauge", "generated tokens per busy second", round(tps, 3)),
                  ("steps_total", "counter", "batched forward passes", s["steps"]),
@@ -281,21 +297,12 @@ def create_app(server: Server) -> FastAPI:
             return c
 
         if not stream:
-            parts, lps, done = [], [], None
-            async for ev in _events(http, req, q):
-                if "error" in ev:
-                    raise BadRequest(500, ev["error"], kind="server_error")
-                if ev.get("done"):
-                    done = ev
-                else:
-                    parts.append(ev.get("text", ""))
-                    e = logprob_entry(ev)
-                    if e is not None:
-                        lps.append(e)
+            text, tokens, done = await _collect(http, req, q)
             if done is None:  # the client went away
                 return PlainTextResponse("", status_code=499)
+            lps = [e for e in map(logprob_entry, tokens) if e is not None]
             return {"id": rid, "object": obj, "created": created, "model": server.model_id,
-                    "choices": [choice("".join(parts), done["finish_reason"], lps)], "usage": done["usage"]}
+                    "choices": [choice(text, done["finish_reason"], lps)], "usage": done["usage"]}
 
         async def sse():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -376,17 +383,10 @@ def create_app(server: Server) -> FastAPI:
             return out
 
         if not stream:
-            parts, done = [], None
-            async for ev in _events(http, req, q):
-                if "error" in ev:
-                    raise BadRequest(500, ev["error"], kind="server_error")
-                if ev.get("done"):
-                    done = ev
-                else:
-                    parts.append(ev.get("text", ""))
+            text, _, done = await _collect(http, req, q)
             if done is None:
                 return PlainTextResponse("", status_code=499)
-            return piece("".join(parts), done)
+            return piece(text, done)
 
         async def ndjson():
             async for ev in _events(http, req, q):

@@ -81,7 +81,8 @@ class Scheduler:
         self.decoders: dict[int, object] = {}
         self.stoppers: dict[int, _StopFilter] = {}
         self.cv = threading.Condition()
-        self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, steps=0, busy_seconds=0.0)
+        self.stats = dict(requests=0, prompt_tokens=0, prompt_tokens_reused=0, generated_tokens=0, steps=0,
+                          busy_seconds=0.0)
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="numba_apr-scheduler", daemon=True)
         self.thread.start()
@@ -161,6 +162,7 @@ class Scheduler:
             self.stoppers[best] = _StopFilter(req.stop)
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(req.prompt_ids)
+            self.stats["prompt_tokens_reused"] += keep
 
     def _step(self) -> None:
         tokens, slots, pos, rows, owners = [], [], [], [], []

@@ -78,6 +78,15 @@ def _quantize(act, x, scheme, b0, b1):
 
 
 @jit(inline="always")
+def _residual(x, proj, post_norm, has_post, eps):
+    """x += proj, normed first by the block's post-norm where the architecture has one (gemma3)."""
+    if has_post:
+        rmsnorm_row(proj, proj, post_norm, eps)
+    for i in range(x.shape[0]):
+        x[i] += proj[i]
+
+
+@jit(inline="always")
 def _n_blocks(K, scheme):
     return K // (256 if scheme == ACT_Q8_K else 32)
 
@@ -133,10 +142,7 @@ def _step_thread(c, n, counter, token, pos, embd, embd_qtype, blob, mats, vecs, 
         k = barrier(counter, n, k)
         # Feed-forward block.
         if c == 0:
-            if has_post:
-                rmsnorm_row(proj[0], proj[0], V[POST_ATTN, :n_embd], eps)
-            for i in range(n_embd):
-                x[0, i] += proj[0, i]
+            _residual(x[0], proj[0], V[POST_ATTN, :n_embd], has_post, eps)
             rmsnorm_row(xb[0], x[0], V[FFN_NORM, :n_embd], eps)
             _quantize(act, xb[0], M[W_GATE, SCHEME], 0, _n_blocks(n_embd, M[W_GATE, SCHEME]))
         k = barrier(counter, n, k)
@@ -155,10 +161,7 @@ def _step_thread(c, n, counter, token, pos, embd, embd_qtype, blob, mats, vecs, 
         _share(c, n, blob, proj, M[W_DOWN], proj, zero, proj, zero, xq, xd, xs, xm)
         k = barrier(counter, n, k)
         if c == 0:
-            if has_post:
-                rmsnorm_row(proj[0], proj[0], V[POST_FFN, :n_embd], eps)
-            for i in range(n_embd):
-                x[0, i] += proj[0, i]
+            _residual(x[0], proj[0], V[POST_FFN, :n_embd], has_post, eps)
     # Output head.
     head = mats[n_layer, 0]
     if c == 0:
