@@ -70,7 +70,6 @@ class Tensor:
 
 _INTEGER = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
                       GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
-_FLOAT = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
 MAX_NAME = 63          # ggml's GGML_MAX_NAME (64) less its terminating NUL
 MAX_DIMS = 4           # ggml's GGML_MAX_DIMS
 _INT64_MAX = (1 << 63) - 1
@@ -275,12 +274,12 @@ class GGUFFile:
         return int(v)
 
     def get_float(self, key: str, default=None, positive: bool = True):
-        """A finite float-typed number (llama.cpp reads these as FLOAT32), > 0 when `positive`."""
+        """A finite FLOAT32 number (llama.cpp's loader takes no other type), > 0 when `positive`."""
         if key not in self.metadata:
             return default
         v = self.metadata[key]
-        if self.types[key][0] not in _FLOAT or not math.isfinite(v) or (positive and not v > 0):
-            raise self._bad(key, "a finite number" + (" > 0" if positive else ""))
+        if self.types[key][0] != GGUFValueType.FLOAT32 or not math.isfinite(v) or (positive and not v > 0):
+            raise self._bad(key, "a finite FLOAT32" + (" > 0" if positive else ""))
         return float(v)
 
     def get_str(self, key: str, default=None):
@@ -303,7 +302,7 @@ class GGUFFile:
             return default
         vtype, etype = self.types[key]
         allowed = {"str": {GGUFValueType.STRING}, "int": _INTEGER, "i32": {GGUFValueType.INT32},
-                   "float": _FLOAT}[kind]
+                   "float": {GGUFValueType.FLOAT32}}[kind]
         if vtype != GGUFValueType.ARRAY or etype not in allowed:
             raise self._bad(key, f"an array of {kind}")
         return self.metadata[key]
