@@ -1,6 +1,6 @@
 """numba_apr's performance history, measured by airspeed velocity (asv).
 
-Run from the repository root (`asv.conf.json` is there; README "Performance history (asv)").
+Run from the repository root (`asv.conf.json` is there; docs/development.md "Performance history (asv)").
 Each module is one kind of figure:
 
 - `kernels`: the quantized matrix-vector product (decode's inner loop) at Qwen2.5-1.5B's

@@ -75,7 +75,7 @@ prepare_models.timeout = 1800
 
 def bench_script():
     """scripts/bench.py as a module (scripts/ is not a package): its `ours_once` is the
-    measurement that the README's pp/tg figures come from."""
+    measurement that docs/performance.md's pp/tg figures come from."""
     spec = importlib.util.spec_from_file_location("numba_apr_bench_script", REPO / "scripts" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
