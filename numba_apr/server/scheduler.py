@@ -80,6 +80,8 @@ class Scheduler:
         self.samplers: dict[int, Sampler] = {}
         self.decoders: dict[int, object] = {}
         self.stoppers: dict[int, _StopFilter] = {}
+        self.batch = np.zeros((3, self.n_batch), np.int64)  # a step's slots, positions, rows asked for
+        self.batch_tokens = np.zeros(self.n_batch, np.int32)
         self.cv = threading.Condition()
         self.stats = dict(requests=0, prompt_tokens=0, prompt_tokens_reused=0, generated_tokens=0, steps=0,
                           busy_seconds=0.0)
@@ -191,8 +193,11 @@ class Scheduler:
                 owners.append(r)
         if not tokens:
             return
-        logits = self.model._eval_batch(np.asarray(tokens, np.int32), np.asarray(slots, np.int64),
-                                        np.asarray(pos, np.int64), np.asarray(rows, np.int64))
+        T, R = len(tokens), len(rows)
+        b = self.batch  # filled in place: no arrays allocated per step
+        self.batch_tokens[:T] = tokens
+        b[0, :T], b[1, :T], b[2, :R] = slots, pos, rows
+        logits = self.model._eval_batch(self.batch_tokens[:T], b[0, :T], b[1, :T], b[2, :R])
         self.stats["steps"] += 1
         # Record what each slot now holds, then sample for the rows asked for.
         i = 0
