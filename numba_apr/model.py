@@ -2,8 +2,11 @@
 packing.py), `RunState` (every buffer, allocated once) and `forward`, which reads top to bottom
 like the paper.
 
-`forward` evaluates a batch of tokens at consecutive positions: the whole prompt chunk at once
-(each weight byte read once for the chunk) or one token while decoding. What differs between
+`forward` evaluates a batch of tokens at consecutive positions of one sequence: the whole prompt
+chunk at once (each weight byte read once for the chunk) or one token while decoding. It is the
+one-sequence case of `forward_batch`, whose tokens may belong to several sequences (the server's
+batches), each at its own KV slot and position. kernels/cpu/step.py runs the same steps for one
+decoding token as a single compiled call. What differs between
 architectures is read from the `Config` (arch/); the arithmetic is done by the backend's kernels
 (kernels/cpu/), so another backend can run this same sequence of steps.
 """

@@ -1,7 +1,9 @@
 """Grouped-query causal attention over the KV cache (CPU), with an optional sliding window.
 
-One kernel serves the prompt (T query tokens at once) and decoding (T = 1): every (token, head)
-pair is independent, so the pairs are split over the threads. Each pair takes three plain
+One kernel serves the prompt (T query tokens at once), decoding (T = 1) and batches of several
+sequences (each token at its own KV slot and position, `attention_batch`): every (token, head)
+pair is independent, so the pairs are split over the threads (`attend` is one pair, shared with
+the one-call decode step). Each pair takes three plain
 passes that LLVM vectorises: the scores q.k of every visible position, their softmax, and the
 weighted sum of the V rows. The scores go to the calling thread's row of `scores` ([threads,
 n_ctx], allocated once by the caller), so nothing is allocated.
