@@ -47,8 +47,6 @@ class Model:
             raise NumbaAprError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if not isinstance(n_seq, int) or not 1 <= n_seq <= 256:
             raise NumbaAprError(f"n_seq must be an integer from 1 to 256, got {n_seq!r}")
-        if n_seq > 1 and device != "cpu":
-            raise NumbaAprError("several sequences at once (n_seq > 1, --parallel) run on the CPU only so far")
         self.n_seq = n_seq
         set_threads(threads)
         t0 = time.perf_counter()
@@ -63,11 +61,11 @@ class Model:
         self.device = device
         self.step = None
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
-        n_batch = min(N_BATCH, self.n_ctx)
+        self.n_batch = n_batch = min(N_BATCH, self.n_ctx)
         if device == "cuda":
             from .model_cuda import CudaRunner  # numba.cuda is imported only for the GPU
             progress(0.45, "uploading weights")
-            self.runner, self.state = CudaRunner(self.config, self.weights, self.n_ctx, n_batch), None
+            self.runner, self.state = CudaRunner(self.config, self.weights, self.n_ctx, n_batch, n_seq), None
         else:
             progress(0.45, "repacking weights")
             if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
@@ -157,10 +155,12 @@ class Model:
 
     def _eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
                     rows: np.ndarray) -> np.ndarray:
-        """One forward pass over tokens of several sequences (CPU): token t at position
-        positions[t] of the sequence in KV slot slots[t]. Returns the logits after the tokens
-        `rows` ([len(rows), n_vocab], a buffer the next call overwrites). The caller (the
-        server's scheduler) keeps each slot's tokens in order and within n_ctx."""
+        """One forward pass over tokens of several sequences: token t at position positions[t]
+        of the sequence in KV slot slots[t]. Returns the logits after the tokens `rows`
+        ([len(rows), n_vocab], a buffer the next call overwrites). The caller (the server's
+        scheduler) keeps each slot's tokens in order and within n_ctx."""
+        if self.runner is not None:
+            return self.runner.eval_batch(tokens, slots, positions, rows)
         T = len(tokens)
         if T == 1 and self.step is not None:
             out = self.step(int(tokens[0]), int(positions[0]), int(slots[0]))

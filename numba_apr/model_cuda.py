@@ -123,11 +123,12 @@ def upload_weights(c: Config, w: Weights) -> DeviceWeights:
 
 
 class DeviceState:
-    """Every buffer a step uses, for batches of up to n_batch tokens and n_ctx positions."""
+    """Every buffer a step uses, for batches of up to n_batch tokens and n_ctx positions, and,
+    with n_seq > 1, the KV slots and batch buffers of a decode step of up to n_seq sequences."""
 
-    def __init__(self, c: Config, n_ctx: int, n_batch: int):
+    def __init__(self, c: Config, n_ctx: int, n_batch: int, n_seq: int = 1):
         B, f32 = n_batch, np.float32
-        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
         nq, nk, nv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
         self.x = cuda.device_array((B, c.n_embd), f32)             # residual stream
         self.qkv = cuda.device_array((B, nq + nk + nv), f32)       # [q | k | v] projections
@@ -143,17 +144,55 @@ class DeviceState:
         self.tokens = cuda.device_array(B, np.int32)               # token ids of the batch (decode: [0])
         self.ring = cuda.device_array(DECODE_STEPS, np.int32)      # decoding: the ids one graph's steps sampled
         self.pos = cuda.device_array(1, np.int32)                  # position of the batch's first token
-        # KV cache in f16, as llama.cpp's: [layer, position, kv_head * dim]
-        self.k_cache = cuda.device_array((c.n_layer, n_ctx, nk), np.float16)
-        self.v_cache = cuda.device_array((c.n_layer, n_ctx, nv), np.float16)
+        # KV cache in f16, as llama.cpp's: [layer, slot * n_ctx + position, kv_head * dim]. With
+        # several sequences, a slot of n_ctx rows each and one more that padded batch entries
+        # write (a graph's batch size is fixed: see CudaRunner.eval_batch).
+        self.n_slots = 1 if n_seq == 1 else n_seq + 1
+        self.k_cache = cuda.device_array((c.n_layer, self.n_slots * n_ctx, nk), np.float16)
+        self.v_cache = cuda.device_array((c.n_layer, self.n_slots * n_ctx, nv), np.float16)
         self.att_ws = attention_workspace(n_ctx, c.n_head, c.head_dim_v)  # split-K partials of decode attention
         # Views made once: numba.cuda builds a strided view row by row in Python (~0.7 ms for a
         # 512-row buffer, measured), which a prompt's forward would pay at every use.
         self.q = self.qkv[:, :nq]                                  # [B, nq] the queries
         self.gate, self.up = self.ffn[:, :c.n_ff], self.ffn[:, c.n_ff:]
-        self.k_layer = [self.k_cache[l] for l in range(c.n_layer)]  # [n_ctx, nk] each
+        self.k_layer = [self.k_cache[l] for l in range(c.n_layer)]  # [n_slots * n_ctx, nk] each
         self.v_layer = [self.v_cache[l] for l in range(c.n_layer)]
         self.rope = {b: rope_table(n_ctx, c.rope_dim, b) for b in {p.rope_base for p in c.layers}}
+        self.inputs = Inputs(self.tokens, self.pos, None, self.k_layer, self.v_layer, self.att_ws)
+        self._slot_inputs = {}
+        # A decode step of up to n_seq sequences: [token | position | first cache row of
+        # its slot] a sequence, copied in at once; its logits, its attention partials.
+        self.binp = cuda.device_array((3, n_seq), np.int32)
+        btok, bpos, brow = self.binp[0], self.binp[1], self.binp[2]
+        self.batch_inputs = Inputs(btok, bpos, brow, self.k_layer, self.v_layer,
+                                   attention_workspace(n_ctx, c.n_head, c.head_dim_v, max_T=n_seq))
+        self.blogits = cuda.device_array((n_seq, c.n_vocab), f32)
+        self.blogits_first = [self.blogits[:n] for n in range(n_seq + 1)]   # views made once
+        self.blogits_row = [self.blogits[i:i + 1] for i in range(n_seq)]
+
+    def slot_inputs(self, slot: int, batch: bool = False) -> "Inputs":
+        """Inputs of one sequence in KV slot `slot` (its n_ctx cache rows as the layers' caches):
+        the token and position of s.tokens / s.pos, or (batch) of the decode-step buffers."""
+        key = (slot, batch)
+        if key not in self._slot_inputs:
+            lo, hi = slot * self.n_ctx, (slot + 1) * self.n_ctx
+            src = self.batch_inputs if batch else self.inputs
+            self._slot_inputs[key] = Inputs(src.tokens, src.pos, None, [k[lo:hi] for k in self.k_layer],
+                                            [v[lo:hi] for v in self.v_layer], self.att_ws)
+        return self._slot_inputs[key]
+
+
+@dataclass
+class Inputs:
+    """What a forward pass reads its batch from and writes its keys and values to: token ids,
+    positions (pos[0] + t, or with `rows` pos[t]), `rows` (None for one sequence: else the
+    first cache row of token t's sequence), the layers' K / V caches, the attention workspace."""
+    tokens: object
+    pos: object
+    rows: object
+    k_layer: list
+    v_layer: list
+    att_ws: object
 
 
 def _project(out, mats, act, T, stream, bias=None):
@@ -162,11 +201,13 @@ def _project(out, mats, act, T, stream, bias=None):
 
 
 def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_logits: bool = False,
-            short: bool = False):
+            short: bool = False, inp: Inputs | None = None):
     """Run s.tokens[:T] at positions s.pos[0] .. + T-1 through the model (device-side inputs),
     filling the KV cache; the logits of the last token go to s.logits, or of every token to
     s.all_logits[:T]. Launches only: nothing is allocated on the device, nothing synchronised.
     `short`: no position reaches attention.SHORT_CTX (a decode plan for short contexts).
+    `inp`: read the batch from elsewhere (s.inputs by default): one sequence's slot, or a
+    decode step of T sequences (inp.rows), whose logits go to s.blogits[:T].
 
     `a` is the next product's quantized input. Prompts quantize it in a launch of its own
     (quantize_act); a decode step gets it from the kernel that made the values (attention, a
@@ -175,12 +216,13 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     quantized by the product that reads it (`qin_attn` for Q/K/V, `qin_ffn` for gate/up: see
     qmatmul.QIN_MAX_K)."""
     x, eps = s.x, c.norm_eps
+    inp = s.inputs if inp is None else inp
     nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
-    fuse = T == 1 and w.fusable
+    fuse = T == 1 and inp.rows is None and w.fusable
     qin_attn, qin_ffn = fuse and c.n_embd <= QIN_QKV_MAX_K, fuse and c.n_embd <= QIN_MAX_K
     qa, qb = (s.act, s.act1) if fuse else (s.act, s.act)
-    embed(x, s.tokens, w.token_embd, T, c.embd_scale, stream)
+    embed(x, inp.tokens, w.token_embd, T, c.embd_scale, stream)
     a = None
 
     def normed(nw, qin):
@@ -194,14 +236,15 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
             a = normed(L.attn_norm, qin_attn)
         if fuse and L.q_norm is None and c.rope_dim == c.head_dim:
             for i in range(0, len(L.qkv), 2):   # the product rotates q, k and fills the cache itself
-                qmatmul_rope(s.qkv, L.qkv[i:i + 2], a, stream, L.bqkv, s.pos, s.rope[plan.rope_base], s.k_layer[l],
-                             s.v_layer[l], nq + nk, nq, c.head_dim, c.rope_neox)
+                qmatmul_rope(s.qkv, L.qkv[i:i + 2], a, stream, L.bqkv, inp.pos, s.rope[plan.rope_base],
+                             inp.k_layer[l], inp.v_layer[l], nq + nk, nq, c.head_dim, c.rope_neox)
         else:
             _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
-            rope_kv(s.qkv, s.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, s.k_layer[l], s.v_layer[l],
-                    stream, s.act.empty)
-        a = attention(s.att, s.q, s.k_layer[l], s.v_layer[l], s.pos, T, c.n_head, c.n_head_kv,
-                      c.head_dim, c.head_dim_v, c.attn_scale, plan.window, stream, s.att_ws, qb if fuse else None, short)
+            rope_kv(s.qkv, inp.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, inp.k_layer[l],
+                    inp.v_layer[l], stream, s.act.empty, inp.rows)
+        a = attention(s.att, s.q, inp.k_layer[l], inp.v_layer[l], inp.pos, T, c.n_head, c.n_head_kv, c.head_dim,
+                      c.head_dim_v, c.attn_scale, plan.window, stream, inp.att_ws, qb if fuse else None, short,
+                      inp.rows)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
         a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse, qin_ffn)
@@ -220,9 +263,9 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
                       qin_attn and l + 1 < len(w.layers))
 
     # Output head: only the rows whose logits are wanted.
-    if all_logits:
+    if all_logits or inp.rows is not None:
         a = quantize_act(qa, x, T, stream, MODE_NORM, w.output_norm, eps)
-        qmatmul(s.all_logits, w.output, a, T, stream)
+        qmatmul(s.all_logits if inp.rows is None else s.blogits, w.output, a, T, stream)
         return
     if a is None:
         a = quantize_act(qa, view_once(x, T, lambda: x[T - 1:T]), 1, stream, MODE_NORM, w.output_norm, eps)
@@ -282,7 +325,7 @@ class _Chunk:
 class CudaRunner:
     """Owns the device weights, the workspace and the captured decode graphs."""
 
-    def __init__(self, c: Config, w: Weights, n_ctx: int, n_batch: int):
+    def __init__(self, c: Config, w: Weights, n_ctx: int, n_batch: int, n_seq: int = 1):
         if not (ptx.SIM or cuda.is_available()):
             raise NumbaAprError("device 'cuda': no CUDA GPU is available (numba.cuda found none)")
         self.c = c
@@ -294,7 +337,7 @@ class CudaRunner:
             self.core_stream = dev.create_stream()
             self.stream = cuda.external_stream(int(self.core_stream.handle))
         self.w = upload_weights(c, w)
-        self.s = DeviceState(c, n_ctx, n_batch)
+        self.s = DeviceState(c, n_ctx, n_batch, n_seq)
         self.steps = DECODE_STEPS   # steps a graph (tests lower it)
         # sampler -> {(short context, steps): captured decode steps}. A graph replays its sampler's
         # buffers, so it lives and dies with that sampler: keyed by id(), a later sampler given a
@@ -308,6 +351,13 @@ class CudaRunner:
         self._events = [cuda.event(timing=False) for _ in range(2)] if not ptx.SIM else None
         self._queued = self._done = None
         self._n_queued = 0
+        # Decode steps of several sequences (eval_batch): a graph per (batch size, short); the
+        # sizes are powers of two up to n_seq (and n_seq), a batch padded to the next.
+        self.batch_sizes = sorted({min(1 << i, n_seq) for i in range(n_seq.bit_length() + 1)})
+        self.bgraphs = {}
+        host = cuda.pinned_array if not ptx.SIM else np.zeros
+        self._binp = host((3, n_seq), np.int32)
+        self._brows = host((n_seq, c.n_vocab), np.float32)   # the logits eval_batch returns
 
     # -- eager evaluation (prompts, and logits for callers that want them on the host) --------
     def _set_inputs(self, ids: np.ndarray, pos0: int):
@@ -418,6 +468,79 @@ class CudaRunner:
             self._queued.token = q.ids[-1]
         self._ahead = None if self._queued is not None else (q.ids[-1], nxt)
         return q.ids[0]
+
+
+    # -- several sequences at once (the server's scheduler) ------------------------------------
+    def _graph(self, key, run):
+        """run(stream) from its graph under `key`, capturing it the first time (as _replay)."""
+        g = self.bgraphs.get(key)
+        if g is not None:
+            g.launch(self.core_stream)
+            return
+        run(self.stream)
+        if not ptx.SIM:
+            gb = self.core_stream.create_graph_builder()
+            gb.begin_building()
+            run(gb)
+            self.bgraphs[key] = gb.end_building().complete()
+
+    def eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
+                   rows: np.ndarray) -> np.ndarray:
+        """One step over entries of several sequences (token t at position positions[t] of the
+        sequence in KV slot slots[t]); returns the logits after each entry in `rows` (each the
+        last of its sequence's run in the batch), [len(rows), n_vocab] in a host buffer the next
+        call overwrites.
+
+        The runs of one token (decoding) go together through one decode step, replayed from the
+        graph of the next batch size up (padding entries write the spare slot), or with one
+        sequence from that slot's graph of the fused single-sequence step; a longer run (a
+        prompt chunk) is evaluated eagerly as one sequence on its slot's cache rows."""
+        s, c, stream = self.s, self.c, self.stream
+        T, R = len(tokens), len(rows)
+        if not 0 < R <= s.n_seq:
+            raise NumbaAprError(f"eval_batch: {R} rows asked of a runner of {s.n_seq} sequences")
+        edge = np.flatnonzero((slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)) + 1
+        starts, ends = np.concatenate(([0], edge)), np.concatenate((edge, [T]))
+        single = ends - starts == 1
+        where = {int(r): k for k, r in enumerate(rows)}
+        if not set(where) <= set((ends - 1).tolist()):
+            raise NumbaAprError("eval_batch: logits are returned only after the last entry of a run")
+        out = self._brows[:R]
+        ones = starts[single]
+        nd = len(ones)
+        if nd:
+            if nd > s.n_seq:
+                raise NumbaAprError(f"eval_batch: {nd} decoding sequences, more than the {s.n_seq} slots")
+            B = next(b for b in self.batch_sizes if b >= nd)
+            h = self._binp
+            h[0, :nd], h[1, :nd] = tokens[ones], positions[ones]
+            h[2, :nd] = slots[ones].astype(np.int64) * s.n_ctx
+            h[:, nd:B] = 0
+            h[2, nd:B] = s.n_seq * s.n_ctx      # the spare slot
+            s.binp.copy_to_device(h, stream=stream)
+            short = int(positions[ones].max()) + 1 <= SHORT_CTX
+            if nd == 1:
+                slot = int(slots[ones[0]])
+                inp = s.slot_inputs(slot, batch=True)
+                self._graph(("slot", slot, short), lambda st: forward(c, self.w, s, 1, st, short=short, inp=inp))
+            else:
+                self._graph(("batch", B, short),
+                            lambda st: forward(c, self.w, s, B, st, short=short, inp=s.batch_inputs))
+            pairs = [(i, where[int(one)]) for i, one in enumerate(ones) if int(one) in where]
+            if nd > 1 and pairs == [(i, i) for i in range(nd)]:   # the scheduler's order: one copy
+                s.blogits_first[nd].copy_to_host(out[:nd], stream=stream)
+            else:
+                for i, k in pairs:
+                    (s.logits if nd == 1 else s.blogits_row[i]).copy_to_host(out[k:k + 1], stream=stream)
+        for a, b in zip(starts[~single], ends[~single]):
+            self._set_inputs(tokens[a:b], int(positions[a]))
+            forward(c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
+            k = where.get(int(b) - 1)
+            if k is not None:
+                s.logits.copy_to_host(out[k:k + 1], stream=stream)
+        stream.synchronize()
+        self._ahead = self._queued = self._done = None   # (single-sequence decoding starts afresh)
+        return out
 
 
 class CudaStepper:

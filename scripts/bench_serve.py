@@ -2,7 +2,7 @@
 """Serving under concurrent load: numba_apr's server beside llama.cpp's llama-server, same file.
 
     python scripts/bench_serve.py MODEL.gguf [-t 2] [--streams 1,2,4,8] [-n 64] [-r 2]
-        [--llama-server ../shared/tools/llama.cpp-cpu/bin/llama-server]
+        [--llama-server ../shared/tools/llama.cpp-cpu/bin/llama-server] [--device cuda] [--engine]
 
 Each server is started in turn on 127.0.0.1 with `-np` = the most streams (a slot each) and
 measured alone (they would share the CPU otherwise). For each concurrency N, N clients each send
@@ -10,6 +10,8 @@ one streaming /v1/completions request at once (a short prompt, -n tokens, greedy
 every stream generates all of them); a round's aggregate is all streams' generated tokens over
 the round's wall time, and time to first token is each stream's wait for its first content
 chunk. The median over -r rounds is printed, then the ratios. Every request has a time limit.
+With --device cuda both run on the GPU (llama-server with -ngl 99). --engine also measures the
+same load on the scheduler in this process, without HTTP (what the server's own overhead costs).
 """
 from __future__ import annotations
 
@@ -97,6 +99,46 @@ def measure(name, cmd, base, streams, n_gen, reps, limit):
         proc.wait(timeout=30)
 
 
+def engine(path, device, threads, n_ctx_slot, streams, n_gen, reps):
+    """The same rounds through the Scheduler in this process: no HTTP, no event loop."""
+    import threading
+
+    from numba_apr import load
+    from numba_apr.sampling import SamplingParams
+    from numba_apr.server.scheduler import Request, Scheduler
+    model = load(path, device=device, n_ctx=n_ctx_slot, threads=threads, n_seq=max(streams))
+    sched = Scheduler(model)
+
+    def round_(n, gen):
+        done, firsts, counts = threading.Semaphore(0), [None] * n, [0] * n
+        t0 = time.perf_counter()
+        for i in range(n):
+            def sink(ev, i=i):
+                if "token" in ev:
+                    counts[i] += 1
+                    if firsts[i] is None:
+                        firsts[i] = time.perf_counter() - t0
+                if ev.get("done") or "error" in ev:
+                    done.release()
+            ids = model.tokenize(f"Request {i} of the benchmark: tell a long story about the number {i}.")
+            sched.submit(Request(ids, SamplingParams(temperature=0.0), gen, sink, ignore_eos=True))
+        for _ in range(n):
+            done.acquire()
+        return sum(counts) / (time.perf_counter() - t0), statistics.median(firsts)
+
+    try:
+        round_(1, 8)
+        out = {}
+        for n in streams:
+            rounds = [round_(n, n_gen) for _ in range(reps)]
+            out[n] = (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
+            print(f"  {'engine':10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",
+                  file=sys.stderr, flush=True)
+        return out
+    finally:
+        sched.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -107,6 +149,8 @@ def main():
     ap.add_argument("--n-ctx-slot", type=int, default=512, help="context per slot")
     ap.add_argument("--llama-server", default=None)
     ap.add_argument("--limit", type=float, default=300, help="seconds any one request may take")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--engine", action="store_true", help="also the scheduler alone, in this process")
     a = ap.parse_args()
     from numba_apr.packaged import resolve
     path = str(resolve(a.model))
@@ -115,18 +159,27 @@ def main():
     results = {}
     port = free_port()
     results["numba_apr"] = measure("numba_apr", [sys.executable, "-m", "numba_apr.server", "-m", path, "--port",
-                                                 str(port), "-np", str(np_), "-c", str(ctx), "-t", str(a.threads)],
+                                                 str(port), "-np", str(np_), "-c", str(ctx), "-t", str(a.threads),
+                                                 "--device", a.device],
                                    f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit)
+    if a.engine:
+        results["engine"] = engine(path, a.device, a.threads, a.n_ctx_slot, streams, a.n_gen, a.repetitions)
     if a.llama_server:
         from bench import usable_llama_bench
         exe = os.path.join(os.path.dirname(usable_llama_bench(os.path.join(os.path.dirname(a.llama_server),
                                                                             "llama-bench"))), "llama-server")
         port = free_port()
         results["llama.cpp"] = measure("llama.cpp", [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port),
-                                                     "-np", str(np_), "-c", str(ctx), "-t", str(a.threads)],
+                                                     "-np", str(np_), "-c", str(ctx), "-t", str(a.threads)]
+                                       + (["-ngl", "99"] if a.device == "cuda" else []),
                                        f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"model {os.path.basename(path)}, threads {a.threads}, {a.n_gen} tokens a stream, CPU {cpu}")
+    gpu = ""
+    if a.device == "cuda":
+        from numba import cuda
+        name = cuda.get_current_device().name
+        gpu = f", GPU {name.decode() if isinstance(name, bytes) else name}"
+    print(f"model {os.path.basename(path)}, threads {a.threads}, {a.n_gen} tokens a stream, CPU {cpu}{gpu}")
     ours = results["numba_apr"]
     head = "streams | numba_apr tok/s (first token ms)"
     print(head + (" | llama.cpp tok/s (first token ms) | ratio" if "llama.cpp" in results else ""))
@@ -135,6 +188,9 @@ def main():
         if "llama.cpp" in results:
             ll = results["llama.cpp"][n]
             line += f" | {ll[0]:8.1f} ({ll[1] * 1e3:5.0f}) | {ours[n][0] / ll[0]:.2f}x"
+        if "engine" in results:
+            e = results["engine"][n]
+            line += f" | engine {e[0]:8.1f} ({e[1] * 1e3:5.0f})"
         print(line + f"   ({ours[n][0] / ours[streams[0]][0]:.2f}x of {streams[0]} stream)")
 
 

@@ -22,14 +22,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context size, shared by the slots as llama-server does (default 4096)")
     p.add_argument("-np", "--parallel", type=int, default=4, help="sequences decoded together (slots; default 4)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu (batching of several slots is CPU-only so far)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /api and /metrics")
     p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     p.add_argument("-a", "--alias", default=None, help="model name the API shows (default: the file's stem)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve application: replicas on a Ray cluster "
+                   "(the 'ray' extra; `numba-apr serve --ray --help` lists its flags)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--ray" in argv:  # the same app, replicated by Ray Serve (ray_serve.py)
+        try:
+            from .ray_serve import main as ray_main
+        except ImportError as e:
+            print(f"error: --ray needs the 'ray' extra (pip install 'numba_apr[ray]'): {e}", file=sys.stderr)
+            return 1
+        return ray_main(argv)
     a = build_parser().parse_args(argv)
     try:
         import uvicorn

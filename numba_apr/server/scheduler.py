@@ -69,7 +69,7 @@ class Scheduler:
     def __init__(self, model, n_batch: int | None = None, max_waiting: int | None = None):
         self.model = model
         self.n_slots, self.n_ctx = model.n_seq, model.n_ctx
-        self.n_batch = min(n_batch or model.state.n_batch, model.state.n_batch)
+        self.n_batch = min(n_batch or model.n_batch, model.n_batch)
         self.max_waiting = 4 * self.n_slots if max_waiting is None else max_waiting
         self.tok = model.tokenizer
         self.history = np.zeros((self.n_slots, self.n_ctx), np.int32)  # tokens each slot's cache holds

@@ -102,10 +102,11 @@ def _n_split(n_ctx: int) -> int:
 def attention_workspace(n_ctx: int, n_head: int, head_dim_v: int, max_T: int = 1, n_split: int | None = None):
     """Device buffers for split decoding: (partial outputs [Ts, n_split, n_head, head_dim_v],
     partial (max, sum) [Ts, n_split, n_head, 2], counters [Ts, n_head] of the splits done, zeros
-    between launches), Ts = min(max_T, DECODE_MAX_T). Allocate once and pass to every
-    `attention` call (all layers can share it: launches on one stream run in order)."""
+    between launches), Ts = max_T (the most tokens a decode launch takes: DECODE_MAX_T, or a
+    batch of several sequences). Allocate once and pass to every `attention` call (all layers
+    can share it: launches on one stream run in order)."""
     ns = _n_split(n_ctx) if n_split is None else max(1, int(n_split))
-    ts = max(1, min(max_T, DECODE_MAX_T))
+    ts = max(1, max_T)
     return (cuda.device_array((ts, ns, n_head, head_dim_v), np.float32),
             cuda.device_array((ts, ns, n_head, 2), np.float32),
             cuda.to_device(np.zeros((ts, n_head), np.int32)))
@@ -232,8 +233,8 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     # with a release-red per count (a fence each: 6-7 a k / v warp) 1,018 and 615.
     @overlapped
     @cuda_jit
-    def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, scale, window, n_split,
-               quant, xq8, xd, xs):
+    def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, rows, batched, group, n_hb, scale, window,
+               n_split, quant, xq8, xd, xs):
         ptx.grid_dep()
         tid = cuda.threadIdx.x
         lane = tid & 31
@@ -242,8 +243,11 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         h0 = kvh * group + (cuda.blockIdx.x - kvh * n_hb) * HB
         s = cuda.blockIdx.y
         t = cuda.blockIdx.z
-        p = pos[0] + t
-        lo = _first_key(p, window)
+        # Keys are cache rows: those of a sequence's slot start at rows[t] (several sequences).
+        r0 = rows[t] if batched else 0
+        p = (pos[t] if batched else pos[0] + t)
+        lo = _first_key(p, window) + r0
+        p += r0
         chunk = _chunk(p + 1 - lo, n_split)
         c0 = lo + s * chunk
         if c0 > p:
@@ -543,7 +547,7 @@ def _words(cache):
 
 
 def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, head_dim_v, scale, window,
-              stream, workspace=None, dst=None, short=False):
+              stream, workspace=None, dst=None, short=False, rows=None):
     """out[t, h*dv:(h+1)*dv] = softmax(scale * q_t,h . K^T) V over the positions token t sees.
 
     out: f32 [>= T, n_head*dv]; q: f32 [>= T, n_head*head_dim] (rows may be strided);
@@ -556,7 +560,10 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
     gives each query head its own blocks (HB = 1). A block's latency is its HB heads' dots and
     p * V one after another, so with few positions (few splits busy) that is the whole
     kernel: measured 9.3 -> 5.2 us at 200 positions, 0.5B-shaped, on an H100. At long
-    contexts it would read each K/V row HB times, hence the promise."""
+    contexts it would read each K/V row HB times, hence the promise.
+    rows: a decode step of several sequences (int32 [T], device): token t is at position pos[t]
+    of the sequence whose positions are cache rows rows[t] .. (a slot each); any T, through the
+    decode kernel (the workspace must then have T rows: `attention_workspace(max_T=T)`)."""
     if T <= 0:
         return None
     D, DV = int(head_dim), int(head_dim_v)
@@ -571,7 +578,8 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
     kw, vw = _words(k_cache), _words(v_cache)
     kstride, vstride = k_cache.shape[1] // 2, v_cache.shape[1] // 2
     sc, win = np.float32(scale), int(window)
-    if T <= DECODE_MAX_T:
+    batched = rows is not None
+    if T <= DECODE_MAX_T or batched:
         n_split = 1
         if workspace is not None and T <= workspace[0].shape[0]:
             # Enough splits for ~TARGET_BLOCKS blocks at full context (fewer kv heads, more
@@ -588,7 +596,8 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             po, ml, count = _placeholders()
         a = None if dst is None else dst.cols(n_head * DV)
         launch(decode, (n_head_kv * n_hb, n_split, T), NT, stream,
-               out, po, ml, count, q, kw, vw, kstride, vstride, pos, group, n_hb, sc, win, n_split,
+               out, po, ml, count, q, kw, vw, kstride, vstride, pos, pos if rows is None else rows, batched, group,
+               n_hb, sc, win, n_split,
                *((False, out, out, out) if a is None else (True, a.xq8, a.xd, a.xs)))
         return a
     else:

@@ -220,11 +220,12 @@ def rope_table(n_ctx: int, rope_dim: int, base: float):
 
 
 @cuda_jit
-def _rope_kv(qkv, pos, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, cos, sin,
+def _rope_kv(qkv, pos, rows, batched, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, cos, sin,
              q_norm, k_norm, eps, k_cache, v_cache):
     t = cuda.blockIdx.x
     h = cuda.blockIdx.y             # 0..n_head-1: a query head; then the kv heads
-    p = pos[0] + t
+    p = pos[t] if batched else pos[0] + t
+    row = rows[t] + p if batched else p
     buf = cuda.shared.array(32, np.float32)
     is_q = h < n_head
     o = h * head_dim if is_q else n_head * head_dim + (h - n_head) * head_dim
@@ -252,19 +253,22 @@ def _rope_kv(qkv, pos, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, 
         cuda.syncthreads()
         kh = h - n_head
         for i in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
-            k_cache[p, kh * head_dim + i] = np.float16(qkv[t, o + i])
+            k_cache[row, kh * head_dim + i] = np.float16(qkv[t, o + i])
         vo = n_head * head_dim + n_head_kv * head_dim + kh * head_dim_v
         for i in range(cuda.threadIdx.x, head_dim_v, cuda.blockDim.x):
-            v_cache[p, kh * head_dim_v + i] = np.float16(qkv[t, vo + i])
+            v_cache[row, kh * head_dim_v + i] = np.float16(qkv[t, vo + i])
 
 
-def rope_kv(qkv, pos, T, c, table, q_norm, k_norm, k_cache, v_cache, stream, empty):
+def rope_kv(qkv, pos, T, c, table, q_norm, k_norm, k_cache, v_cache, stream, empty, rows=None):
     """In place on qkv[:T] = [q | k | v] columns: per-head norms (if given), RoPE on q and k;
-    then k and v (f16) into the cache at positions pos[0] + t."""
+    then k and v (f16) into the cache at positions pos[0] + t, or, for a batch of several
+    sequences (rows given, int32 [T]), token t at position pos[t] into cache row rows[t] + pos[t]
+    (rows[t]: the first row of its sequence's slot)."""
     cos, sin = table
     threads = min(128, max(32, c.head_dim // 2))
     launch(_rope_kv, (T, c.n_head + c.n_head_kv), threads, stream,
-        qkv, pos, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.rope_dim, c.rope_neox, cos, sin,
+        qkv, pos, pos if rows is None else rows, rows is not None, c.n_head, c.n_head_kv, c.head_dim,
+        c.head_dim_v, c.rope_dim, c.rope_neox, cos, sin,
         empty if q_norm is None else q_norm, empty if k_norm is None else k_norm, np.float32(c.norm_eps),
         k_cache, v_cache)
 

@@ -1,0 +1,167 @@
+"""Decode steps of several sequences on the GPU: each token at its own position of its own KV
+slot. The kernels that take per-token positions and cache rows (ops.rope_kv, the decode
+attention) against the one-sequence launches and the float64 reference, under numba's CUDA
+simulator in CI (tiny shapes); and, on a GPU only, CudaRunner.eval_batch (the server's step)
+against each sequence evaluated alone."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from numba import config, cuda
+
+from numba_apr.kernels.cuda import ops
+from numba_apr.kernels.cuda.attention import attention, attention_ref, attention_workspace
+
+if not (config.ENABLE_CUDASIM or cuda.is_available()):
+    pytest.skip("no CUDA GPU and the simulator is off (NUMBA_ENABLE_CUDASIM=0)", allow_module_level=True)
+
+SEED = np.random.SeedSequence().entropy
+
+
+@pytest.fixture
+def rng():
+    print("seed", SEED)
+    return np.random.default_rng(SEED)
+
+
+def test_rope_kv_several_sequences(rng):
+    """rope_kv with rows: token t rotated at position pos[t], its k and v written to cache row
+    rows[t] + pos[t]; the same as one launch a token on its slot's rows, and no other row
+    touched."""
+    n_head, n_kv, hd, n_ctx, n_slots = 2, 1, 32, 8, 3
+    c = SimpleNamespace(n_head=n_head, n_head_kv=n_kv, head_dim=hd, head_dim_v=hd, rope_dim=hd,
+                        rope_neox=True, norm_eps=1e-6)
+    width = (n_head + 2 * n_kv) * hd
+    slots, pos = np.array([2, 0, 1], np.int32), np.array([5, 0, 7], np.int32)
+    T = len(slots)
+    qkv = rng.standard_normal((T, width)).astype(np.float32)
+    table = ops.rope_table(n_ctx, hd, 10000.0)
+    noise = rng.standard_normal((n_slots * n_ctx, n_kv * hd)).astype(np.float16)
+    empty = cuda.to_device(np.zeros(0, np.float32))
+
+    d_qkv, kc, vc = cuda.to_device(qkv), cuda.to_device(noise), cuda.to_device(noise)
+    ops.rope_kv(d_qkv, cuda.to_device(pos), T, c, table, None, None, kc, vc, 0, empty,
+                rows=cuda.to_device(slots * n_ctx))
+    want_k, want_v = noise.copy(), noise.copy()
+    for t in range(T):   # one token, one sequence: the slot's rows as the cache
+        one = cuda.to_device(qkv[t:t + 1])
+        k1, v1 = cuda.to_device(noise[slots[t] * n_ctx:][:n_ctx]), cuda.to_device(noise[slots[t] * n_ctx:][:n_ctx])
+        ops.rope_kv(one, cuda.to_device(pos[t:t + 1]), 1, c, table, None, None, k1, v1, 0, empty)
+        np.testing.assert_array_equal(d_qkv.copy_to_host()[t], one.copy_to_host()[0], err_msg=f"seed {SEED}")
+        want_k[slots[t] * n_ctx + pos[t]] = k1.copy_to_host()[pos[t]]
+        want_v[slots[t] * n_ctx + pos[t]] = v1.copy_to_host()[pos[t]]
+    np.testing.assert_array_equal(kc.copy_to_host(), want_k)
+    np.testing.assert_array_equal(vc.copy_to_host(), want_v)
+
+
+@pytest.mark.parametrize("window,short", [(0, False), (0, True), (6, False)])
+def test_decode_attention_several_sequences(rng, window, short):
+    """attention with rows: each token over its own slot's rows 0..pos[t] (a window: the last
+    `window` of them), positions from 0 to past one split, with the split workspace of T rows;
+    the rows past each sequence's position are NaN (unwritten) and must not be read."""
+    n_head, n_kv, D, n_ctx = 4, 2, 32, 300
+    slots = np.array([1, 3, 0, 2], np.int32)
+    pos = np.array([0, 9, 299, 130], np.int32)
+    T, n_slots = len(slots), 4
+    k = rng.standard_normal((n_slots * n_ctx, n_kv * D)).astype(np.float16)
+    v = rng.standard_normal((n_slots * n_ctx, n_kv * D)).astype(np.float16)
+    for s, p in zip(slots, pos):
+        k[s * n_ctx + p + 1:(s + 1) * n_ctx] = np.nan
+        v[s * n_ctx + p + 1:(s + 1) * n_ctx] = np.nan
+    q = rng.standard_normal((T, n_head * D)).astype(np.float32)
+    scale = 1 / math.sqrt(D)
+    if short:
+        pos[2] = 200   # the promise: no token sees SHORT_CTX positions (still two splits)
+    want = np.concatenate([attention_ref(q[t:t + 1], k[slots[t] * n_ctx:][:n_ctx], v[slots[t] * n_ctx:][:n_ctx],
+                                         int(pos[t]), n_head, n_kv, D, D, scale, window) for t in range(T)])
+    out = cuda.to_device(np.full((T + 1, n_head * D), np.nan, np.float32))
+    ws = attention_workspace(n_ctx, n_head, D, max_T=T, n_split=3)
+    stream = cuda.stream()
+    attention(out, cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), cuda.to_device(pos), T, n_head,
+              n_kv, D, D, scale, window, stream, ws, None, short, rows=cuda.to_device(slots * n_ctx))
+    stream.synchronize()
+    got = out.copy_to_host()
+    assert np.isnan(got[T:]).all(), "rows past T written"
+    assert not ws[2].copy_to_host().any(), "the merging block resets its head group's count"
+    np.testing.assert_allclose(got[:T], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED}")
+
+
+@pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_eval_batch_matches_each_sequence_alone(rng, arch):
+    """The server's step on the GPU: prompt chunks of three sequences and then decode steps of
+    1, 2 and 3 of them at once (graphs of batch sizes 1 (fused), 2 and 4 (padded)), each row's
+    logits against that sequence evaluated alone from position 0."""
+    from test_cuda_model import close, tiny_config, tiny_weights
+
+    from numba_apr.model_cuda import CudaRunner
+    c = tiny_config(arch)
+    w = tiny_weights(rng, c)
+    n_ctx, n_seq = 16, 3
+    ids = [rng.integers(0, c.n_vocab, 9).astype(np.int32) for _ in range(n_seq)]
+    alone = CudaRunner(c, w, n_ctx, 8)
+    want = []
+    for seq in ids:
+        alone.eval(seq, 0, want_all=True)
+        want.append(alone.logits_host(True, len(seq)))
+    r = CudaRunner(c, w, n_ctx, 8, n_seq)
+    n_past = [0] * n_seq
+
+    def step(entries):   # entries: (sequence, number of its next tokens)
+        tokens, slots, positions, rows, who = [], [], [], [], []
+        for q, n in entries:
+            tokens += list(ids[q][n_past[q]:n_past[q] + n])
+            slots += [q] * n
+            positions += range(n_past[q], n_past[q] + n)
+            rows.append(len(tokens) - 1)
+            who.append(q)
+            n_past[q] += n
+        out = r.eval_batch(np.array(tokens, np.int32), np.array(slots), np.array(positions), np.array(rows))
+        for k, q in enumerate(who):
+            close(out[k], want[q][n_past[q] - 1])
+
+    step([(0, 3), (1, 4), (2, 2)])           # prompt chunks of three slots in one call
+    step([(1, 1)])                           # one sequence decoding: its slot's fused graph
+    step([(0, 1), (2, 1)])                   # two: the graph of 2
+    step([(2, 1), (0, 1), (1, 1)])           # three (padded to 4), in another order than slots
+    step([(0, 1), (1, 2)])                   # decoding beside a prompt chunk
+    step([(2, 1), (1, 1), (0, 1)])
+
+
+@pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
+def test_server_greedy_streams_on_the_gpu_match_alone():
+    """The scheduler on the GPU (tiny real model): four greedy requests at once, decoding in
+    steps of 4 (and 3, 2, 1 as they end), each give the tokens they give alone."""
+    import threading
+
+    from conftest import SHARED
+
+    from numba_apr import load
+    from numba_apr.sampling import SamplingParams
+    from numba_apr.server.scheduler import Request, Scheduler
+    model = load(SHARED / "models" / "tiny-qwen2-q4km.gguf", device="cuda", n_ctx=256, n_seq=4)
+    sched = Scheduler(model)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+
+    def run(batch):
+        done, toks = threading.Semaphore(0), {i: [] for i in batch}
+        for i in batch:
+            def sink(ev, i=i):
+                if "token" in ev:
+                    toks[i].append(ev["token"])
+                if ev.get("done") or "error" in ev:
+                    assert "error" not in ev, ev
+                    done.release()
+            sched.submit(Request(model.tokenize(prompts[i]), SamplingParams(temperature=0.0), 12 + 4 * i, sink,
+                                 ignore_eos=True))
+        for _ in batch:
+            assert done.acquire(timeout=120)
+        return toks
+
+    try:
+        alone = {i: run([i])[i] for i in range(4)}
+        together = run(range(4))
+    finally:
+        sched.close()
+    assert together == alone
