@@ -1,6 +1,7 @@
 """The Python API other tools call: `load()` -> `Model`, and `load_tokenizer()`.
 
-A Model owns the parsed GGUF (memory-mapped), its Config, Weights, Tokenizer and one RunState.
+A Model owns the parsed GGUF (memory-mapped), its Config, Weights, Tokenizer and its backend's
+runner (model.CpuRunner or model_cuda.CudaRunner: one interface, so nothing here asks which).
 It remembers which tokens its KV cache holds, so a new prompt that extends the previous one
 (a chat turn) evaluates only the new tokens.
 """
@@ -17,10 +18,9 @@ from . import packaged
 from .arch import build_config
 from .chat import render_chat
 from .errors import NumbaAprError
-from .generate import GenerationStats, HostStepper, generate
+from .generate import GenerationStats, generate
 from .gguf_file import GGUFFile
-from .kernels.cpu.step import DecodeStep
-from .model import RunState, forward, forward_batch, load_weights
+from .model import load_weights
 from .packing import pack_weights
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -59,29 +59,16 @@ class Model:
         progress(0.4, "checking tensors")
         self.weights = load_weights(self.gguf, self.config)
         self.device = device
-        self.step = None
         self.n_ctx = min(n_ctx, self.config.n_ctx_train)
         self.n_batch = n_batch = min(N_BATCH, self.n_ctx)
-        if device == "cuda":
-            from .model_cuda import CudaRunner  # numba.cuda is imported only for the GPU
-            progress(0.45, "uploading weights")
-            self.runner, self.state = CudaRunner(self.config, self.weights, self.n_ctx, n_batch, n_seq), None
-        else:
-            progress(0.45, "repacking weights")
-            if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
-                pack_weights(self.gguf, self.weights)
-            self.runner, self.state = None, RunState(self.config, self.n_ctx, n_batch, n_seq)
-            # Decoding: one compiled call per token where the model allows (kernels/cpu/step.py).
-            if not os.environ.get("NUMBA_APR_NOSTEP"):  # =1: decode through `forward` too (to compare)
-                self.step = DecodeStep.build(self.config, self.weights, self.state, self.weights.blob,
-                                             numba.get_num_threads())
+        self.runner = _RUNNERS[device](self, n_batch, n_seq, progress)
         self.tokens = np.zeros(self.n_ctx, np.int32)  # what the KV cache holds, positions 0..n_past-1
+        self._one = np.zeros(1, np.int32)             # a decoded token's id (no array per token)
         self.n_past = 0
         progress(0.5, "compiling kernels")
         # Compile (or load from Numba's cache) every kernel now, not at the first token.
         logits = self._decode(self.tokenizer.bos_id or 0, pos=0)
-        if device == "cpu":
-            Sampler(self.config.n_vocab, SamplingParams(seed=0)).sample(logits[0], self.tokens[:1])
+        Sampler(self.config.n_vocab, SamplingParams(seed=0)).sample(logits[0], self.tokens[:1])
         self.n_past = 0
         self.load_seconds = time.perf_counter() - t0
         progress(1.0, "ready")
@@ -110,23 +97,11 @@ class Model:
               host: bool = True) -> np.ndarray | None:
         """Evaluate ids at positions pos0.. in batches; the KV cache then holds them. Returns the
         last logits [1, n_vocab] (on the GPU with host=False they stay in the device state)."""
-        out = None
-        n_batch = self.runner.s.n_batch if self.runner else self.state.n_batch
+        out, n_batch = None, self.n_batch
         for i in range(0, len(ids), n_batch):
             chunk = ids[i:i + n_batch]
             rows = None if all_logits is None else all_logits[i:i + len(chunk)]
-            if self.runner is None:
-                out = None
-                if self.step is not None and len(chunk) == 1 and rows is None:
-                    out = self.step(int(chunk[0]), pos0 + i)
-                if out is None:
-                    out = forward(self.config, self.weights, self.state, chunk, pos0 + i, rows)
-            else:
-                self.runner.eval(chunk, pos0 + i, want_all=rows is not None)
-                if rows is not None:
-                    rows[:] = out = self.runner.logits_host(True, len(chunk))
-                elif host and i + n_batch >= len(ids):
-                    out = self.runner.logits_host(False, 1)
+            out = self.runner.evaluate(chunk, pos0 + i, rows, host=host and i + n_batch >= len(ids))
         self.tokens[pos0:pos0 + len(ids)] = ids
         self.n_past = pos0 + len(ids)
         return out
@@ -142,16 +117,12 @@ class Model:
 
     def _stepper(self, params: SamplingParams):
         """What the generation loop drives: prefill + sample, then decode + sample per token."""
-        if self.runner is not None:
-            from .model_cuda import CudaStepper
-            return CudaStepper(self, params)
-        return HostStepper(self, params)
+        return self.runner.stepper(self, params)
 
     def _decode(self, token: int, pos: int | None = None) -> np.ndarray:
         pos = self.n_past if pos is None else pos
-        one = self.state.token if self.state is not None else np.zeros(1, np.int32)
-        one[0] = token
-        return self._eval(one, pos)
+        self._one[0] = token
+        return self._eval(self._one, pos)
 
     def _eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
                     rows: np.ndarray) -> np.ndarray:
@@ -159,17 +130,7 @@ class Model:
         of the sequence in KV slot slots[t]. Returns the logits after the tokens `rows`
         ([len(rows), n_vocab], a buffer the next call overwrites). The caller (the server's
         scheduler) keeps each slot's tokens in order and within n_ctx."""
-        if self.runner is not None:
-            return self.runner.eval_batch(tokens, slots, positions, rows)
-        T = len(tokens)
-        if T == 1 and self.step is not None:
-            out = self.step(int(tokens[0]), int(positions[0]), int(slots[0]))
-            if out is not None:
-                return out
-        s = self.state
-        s.slot[:T], s.pos[:T] = slots, positions
-        return forward_batch(self.config, self.weights, s, np.asarray(tokens, np.int32), s.slot[:T], s.pos[:T],
-                             np.asarray(rows, np.int64), s.logits[:len(rows)])
+        return self.runner.eval_batch(tokens, slots, positions, rows)
 
     def _history(self) -> np.ndarray:
         return self.tokens[:self.n_past]
@@ -220,6 +181,26 @@ class Model:
         text = self.chat_prompt(messages)
         bos = self._text_of(self.tokenizer.bos_id)
         return self.generate(text, add_bos=not (bos and text.startswith(bos)), **kw)
+
+
+def _cpu_runner(m: Model, n_batch: int, n_seq: int, progress):
+    from .model import CpuRunner
+    progress(0.45, "repacking weights")
+    if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
+        pack_weights(m.gguf, m.weights)
+    # NUMBA_APR_NOSTEP=1: decode through `forward` too, not the one-call step (to compare)
+    return CpuRunner(m.config, m.weights, m.n_ctx, n_batch, n_seq, fused_step=not os.environ.get("NUMBA_APR_NOSTEP"))
+
+
+def _cuda_runner(m: Model, n_batch: int, n_seq: int, progress):
+    from .model_cuda import CudaRunner  # numba.cuda is imported only for the GPU
+    progress(0.45, "uploading weights")
+    return CudaRunner(m.config, m.weights, m.n_ctx, n_batch, n_seq)
+
+
+# device -> how its runner is made; a new backend is a module with a runner and a line here.
+_RUNNERS = {"cpu": _cpu_runner, "cuda": _cuda_runner}
+assert tuple(_RUNNERS) == DEVICES
 
 
 def load(model: str | os.PathLike | None = None, device: str = "cpu", n_ctx: int = 4096,

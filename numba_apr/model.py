@@ -233,3 +233,47 @@ def forward_batch(c: Config, w: Weights, s: RunState, tokens: np.ndarray, slots:
     ops.rmsnorm(xb[:R], xr, w.output_norm, c.norm_eps)
     linear((out,), xb[:R], (w.output,))
     return out
+
+
+class CpuRunner:
+    """The CPU backend behind the engine's one interface (CudaRunner is the GPU's): `evaluate`
+    a batch of one sequence, `eval_batch` of several, and `stepper`, the generation loop's
+    decode step with sampling. Owns the RunState and, where the model allows, the one-call
+    decode step (kernels/cpu/step.py)."""
+
+    def __init__(self, c: Config, w: Weights, n_ctx: int, n_batch: int, n_seq: int = 1, fused_step: bool = True):
+        from .kernels.cpu.step import DecodeStep
+        self.c, self.w = c, w
+        self.state = RunState(c, n_ctx, n_batch, n_seq)
+        self.n_batch = n_batch
+        # Decoding: one compiled call per token where the model allows (None: `forward` serves).
+        self.step = DecodeStep.build(c, w, self.state, w.blob, get_num_threads()) if fused_step else None
+
+    def evaluate(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None,
+                 host: bool = True) -> np.ndarray:
+        """ids (<= n_batch) of sequence 0 at positions pos0..; returns the last logits
+        [1, n_vocab], or with all_logits every row's, written there. (`host`: the GPU's.)"""
+        if self.step is not None and len(ids) == 1 and all_logits is None:
+            out = self.step(int(ids[0]), pos0)
+            if out is not None:
+                return out
+        return forward(self.c, self.w, self.state, ids, pos0, all_logits)
+
+    def eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
+                   rows: np.ndarray) -> np.ndarray:
+        """Token t at position positions[t] of the sequence in KV slot slots[t]; returns the
+        logits after the tokens `rows` ([len(rows), n_vocab], a buffer the next call overwrites)."""
+        T = len(tokens)
+        if T == 1 and self.step is not None:
+            out = self.step(int(tokens[0]), int(positions[0]), int(slots[0]))
+            if out is not None:
+                return out
+        s = self.state
+        s.slot[:T], s.pos[:T] = slots, positions
+        return forward_batch(self.c, self.w, s, np.asarray(tokens, np.int32), s.slot[:T], s.pos[:T],
+                             np.asarray(rows, np.int64), s.logits[:len(rows)])
+
+    def stepper(self, model, params):
+        """Logits on the host, sampled by the CPU Sampler."""
+        from .generate import HostStepper
+        return HostStepper(model, params)

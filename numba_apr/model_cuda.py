@@ -338,6 +338,7 @@ class CudaRunner:
             self.stream = cuda.external_stream(int(self.core_stream.handle))
         self.w = upload_weights(c, w)
         self.s = DeviceState(c, n_ctx, n_batch, n_seq)
+        self.n_batch = n_batch
         self.steps = DECODE_STEPS   # steps a graph (tests lower it)
         # sampler -> {(short context, steps): captured decode steps}. A graph replays its sampler's
         # buffers, so it lives and dies with that sampler: keyed by id(), a later sampler given a
@@ -374,6 +375,20 @@ class CudaRunner:
         if want_all and self.s.all_logits is None:
             self.s.all_logits = cuda.device_array((self.s.n_batch, self.c.n_vocab), np.float32)
         forward(self.c, self.w, self.s, T, self.stream, all_logits=want_all)
+
+    def evaluate(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None,
+                 host: bool = True) -> np.ndarray | None:
+        """The backend interface's (see model.CpuRunner): ids of sequence 0 at pos0..; the last
+        logits [1, n_vocab] on the host, or every row's into all_logits; with host=False
+        (a prompt chunk whose logits are not read), nothing comes back."""
+        self.eval(ids, pos0, want_all=all_logits is not None)
+        if all_logits is not None:
+            all_logits[:] = out = self.logits_host(True, len(ids))
+            return out
+        return self.logits_host(False, 1) if host else None
+
+    def stepper(self, model, params) -> "CudaStepper":
+        return CudaStepper(model, params)
 
     def logits_host(self, want_all: bool, T: int) -> np.ndarray:
         src = self.s.all_logits[:T] if want_all else self.s.logits

@@ -49,14 +49,14 @@ def _decode_all(model, ids):
 def test_step_matches_forward(name):
     path = name if not isinstance(name, str) else model_path(name)
     model = numba_apr.load(path, n_ctx=64)
-    assert model.step is not None, "every matrix of these models is repacked: the step must serve"
+    assert model.runner.step is not None, "every matrix of these models is repacked: the step must serve"
     rng = np.random.default_rng()
     ids = rng.integers(0, model.config.n_vocab, 24)
-    step = model.step
+    step = model.runner.step
     fused = _decode_all(model, ids)
-    model.step = None
+    model.runner.step = None
     plain = _decode_all(model, ids)
-    model.step = step
+    model.runner.step = step
     np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
     # The prompt path (tiles of tokens) agrees with token-by-token decoding as well.
     batch = model.logits(ids)
@@ -66,22 +66,22 @@ def test_step_matches_forward(name):
 def test_step_at_each_thread_count():
     model = numba_apr.load(SHARED / "models" / "tiny-qwen2-q4km.gguf", n_ctx=32)
     ids = np.random.default_rng().integers(0, model.config.n_vocab, 12)
-    step = model.step
-    model.step = None
+    step = model.runner.step
+    model.runner.step = None
     plain = _decode_all(model, ids)
     before = numba.get_num_threads()
     try:
         for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
             numba.set_num_threads(n)
-            model.step = step.build(model.config, model.weights, model.state, model.weights.blob, n)
-            assert model.step is not None and model.step.n == n
+            model.runner.step = step.build(model.config, model.weights, model.runner.state, model.weights.blob, n)
+            assert model.runner.step is not None and model.runner.step.n == n
             np.testing.assert_allclose(_decode_all(model, ids), plain, rtol=0, atol=1e-5 * np.abs(plain).max())
         # Built for one count, called under another: it declines and `forward` serves.
         numba.set_num_threads(1)
-        model.step = step.build(model.config, model.weights, model.state, model.weights.blob, 2) \
+        model.runner.step = step.build(model.config, model.weights, model.runner.state, model.weights.blob, 2) \
             if numba.config.NUMBA_NUM_THREADS > 1 else None
-        if model.step is not None:
-            assert model.step(int(ids[0]), 0) is None
+        if model.runner.step is not None:
+            assert model.runner.step(int(ids[0]), 0) is None
             np.testing.assert_allclose(_decode_all(model, ids), plain, rtol=0, atol=1e-5 * np.abs(plain).max())
     finally:
         numba.set_num_threads(before)
@@ -90,5 +90,5 @@ def test_step_at_each_thread_count():
 def test_no_step_without_repacked_weights(monkeypatch):
     monkeypatch.setenv("NUMBA_APR_NOPACK", "1")
     model = numba_apr.load(SHARED / "models" / "tiny-qwen2-q4km.gguf", n_ctx=32)
-    assert model.step is None
+    assert model.runner.step is None
     assert np.isfinite(model._decode(1, pos=0)).all()
