@@ -22,11 +22,7 @@ from numba import cuda
 from ..._numba import cuda_jit
 from . import ptx
 
-# Tried and not kept: the scale and its reciprocal divided correctly rounded (`div.rn.f32` in
-# inline PTX; fastmath makes `/` `div.approx`), so that the q8 would be quantize_act_ref's bit for
-# bit. On an H100, 4M random values (64 x 65,536, through quantize_act): every quant already
-# equal to the reference's, the scales 1 ulp off in places. It cost the 0.5B (whose products
-# quantize their own input, QIN) 540 / 541 -> 544 / 546 us a step (chained, one host).
+# Tried and not kept: a correctly rounded division, div.rn.f32 (docs/experiments.md#correctly-rounded-division)
 MODE_COPY, MODE_NORM, MODE_SILU, MODE_GELU = 0, 1, 2, 3
 GELU_C = math.sqrt(2.0 / math.pi)
 

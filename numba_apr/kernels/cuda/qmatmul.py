@@ -36,8 +36,7 @@ Prompts (T >= MMA_MIN_T) go to the int8 tensor cores instead (`_make_mma_kernel`
 `mma.sync` from ptx.py): a block decodes a 128-row x 128-column weight tile through the same
 units into shared memory, next to the 64-token q8 activation tile, and each of its 16 warps
 multiplies 16 rows by 32 tokens, scaling each int32 result by its halves' d and m as above; the
-next step's loads are in flight while a step multiplies. Measured on an H100: 26-40 TMAC/s a
-product on 7B shapes (7B pp512 4.8k tok/s, 0.59-0.61x llama.cpp's in two side-by-side runs).
+next step's loads are in flight while a step multiplies.
 
 F32 / F16 / BF16 matrices use `_float_kernel` on the float activations (llama.cpp does not
 quantize activations for them either).
@@ -185,7 +184,7 @@ def _ld2(a, i, j):
 @cuda_jit(device=True)
 def _h16(w, o, j):
     """j-th f16 of a stream of packed f16 pairs starting at word o, as float32."""
-    v = w[o + (j >> 1)]      # (not _ld: slower on the device, see "Kept since" above _plan)
+    v = w[o + (j >> 1)]      # (not _ld: slower on the device, docs/experiments.md#fewer-instructions-a-unit)
     return ptx.f16_bits((v >> ((j & 1) * 16)) & 0xFFFF)
 
 
@@ -454,14 +453,11 @@ def _make_kernel(unit, NT):
 # warps), and a warp takes RW rows (EPI_GATED: RW gate rows and their up rows); each lane one or
 # two units (UNROLL) of each row in flight per trip. The plan (`_plan`) aims at one short
 # dependent chain a warp: a DRAM load takes ~0.6 us, and a warp that walks its units in several
-# trips waits for each (measured on an H100, chained graph replay: a 896 x 4864 Q6_K product
-# 7.2 us with a warp a row, 3 trips; a gate/up of 9728 x 896 rows 7.3 us as 1,216 blocks, more
-# than fit at once; 5.7 and 6.0 us with the plans). Many small blocks,
-# so that even a 896-row product spreads over all multiprocessors (blocks of 32 rows, measured
-# 7.1 us against 4.4 for a 896 x 896 product: 28 blocks leave 104 of 132 multiprocessors idle).
-# (The split warps stay in the block of their row, rather than a block taking 4 / KS rows: that
-# tried first, a q8 block of the output spread over 32 blocks, and the down product's epilogue
-# grew from 1.1 to 3.8 us.)
+# trips waits for each (a 896 x 4864 Q6_K product 7.2 -> 5.7 us with its plan). Many small
+# blocks, so that even a 896-row product spreads over all multiprocessors (28 blocks of 32 rows
+# leave 104 of 132 idle). Figures: docs/experiments.md#trips-and-warps-a-row.
+# The split warps stay in the block of their row (tried and not kept: a block taking 4 / KS rows,
+# docs/experiments.md#trips-and-warps-a-row).
 #
 # Epilogues (EPI, a compile-time choice):
 #   EPI_STORE  out[0, col + r] = v (+ bias), or += v;
@@ -509,206 +505,69 @@ def _env_int(name: str, default: int) -> int:
 
 
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
-# ... or twice that for rows of LONG_ROW_UNITS units and more (8+ trips a warp unsplit). Measured
-# on an H100 (profile_decode.py, one host, us a step), SPLIT_ROWS raised to 8192 for every product:
-# 7B 3,108 -> 3,001, its down product (592 units, 3,584 rows: 2 warps a row, 5 trips each
-# instead of 10) 979 -> 845, wo (112 units) 273 -> 283; 1.5B 1,218 -> 1,225, its down (280
-# units: 4 warps a row instead of 2) 259 -> 269. Hence for long rows only.
+# ... or twice that for rows of LONG_ROW_UNITS units and more (8+ trips a warp unsplit): the 7B's
+# down product 979 -> 845 us a step, while shorter rows lost (docs/experiments.md#long-rows-split-further).
 LONG_ROW_UNITS = 512
 
 
 # Products of up to this many bytes of weights send them to L2 before waiting for the kernel
-# ahead (PRE in _plan). Measured on an H100 (tg128, PDL on): 0.5B 1174 -> 1256 tok/s, 1.5B 632
-# -> 652; the 7B, whose big products outlast any lead, 276 (none) / 274 (to 16 MB) / 267 (all:
-# its 38k-block output head read ~10% slower). That was before a product's first trip was
-# loaded before its wait (see the kernel), which now does much of the same work. Measured again
-# since, chained tg128 steps, us a token, each twice in one run. On an H100, PRE off everywhere:
-# 1.5B 1,255 -> 1,232, 7B 3,160 -> 3,134, but 0.5B 580 -> 584 (off for its products of K <=
-# QIN_MAX_K only: 591). The 1.5B's gate/up, whose rows are one trip, then issues ~23% fewer
-# instructions a warp (ptxas + nvdisasm, no GPU): predicted -8% a token, it gave -2%. On an H200,
-# a bound of 6 MiB (the 0.5B's products keep PRE, the 1.5B's feed-forward and the 7B's do not):
-# 1.5B 1,216 -> 1,213, 7B 3,049 -> 3,051, 0.5B 559.9 -> 560.2, no gain, so the bound stays.
-# Since then, one thread a block sends the block's rows (they are consecutive), not one a warp
-# its own: each prefetch was ~40 instructions (64-bit addresses, a loop that makes them uniform)
-# a warp issued, ~20% of a 1.5B gate/up warp's. Measured on an H100 (chained steps at position
-# 64, one host, each twice): 1.5B 1,011 -> 989 us, 0.5B 571.5 -> 562. And with the gated
-# products' 16-value q8 blocks (GATED_GROUP), the bound lowered to 12 MiB (the 1.5B's gate/up,
-# 15.5 MB, then sends nothing ahead; no other product of the three models changes): 1.5B 951 ->
-# 927 us (PRE then bought its first wave nothing that its own loads ahead of the wait did not).
-# Rechecked at b856a80 (H100, chained 1.5B steps at position 64, one host, twice each): 12 MiB
-# 927 / 931, 925 / 929 us; 16 MiB 947 / 949, 949 / 947; 8 MiB 952 / 951, 952 / 954.
-# NUMBA_APR_PREFETCH sets it (to measure it).
+# ahead (PRE in _plan): 0.5B tg128 1,174 -> 1,256 tok/s when added; the bound's history:
+# docs/experiments.md#l2-prefetch-before-the-wait. NUMBA_APR_PREFETCH sets it (to measure it).
 PREFETCH_BYTES = _env_int("NUMBA_APR_PREFETCH", 12 << 20)
-# Tried and not kept: products without PRE (the 7B's gate/up and down) sending their rows to L2
-# trip by trip, 1, 2 or 4 trips ahead of their loads (one `cp.async.bulk.prefetch.L2` a stream,
-# by a row's first lane). ncu (one eager 7B step, H100) had the down product (896 blocks, 0.85
-# waves, 9 trips a warp) at 41% of DRAM's throughput and gate/up (5.1 waves, 2 trips) at 51%,
-# neither bound by issue (0.5-0.64 warps issued a cycle a scheduler), so the loads' waits on
-# DRAM looked like the limit: predicted -10% a 7B step. Measured (H200, profile_decode.py): 3,027
-# us a step without, 3,755 / 3,786 / 3,737 with 1 / 2 / 4 trips ahead (gate/up 1,142 -> 1,649-
-# 1,743 us, down 1,006 -> 1,153-1,268): the bulk prefetches cost more than the waits they cut.
-# Tried and not kept: leads, a product sending part of a later product's weights to L2 before its
-# wait (wo's blocks the gate/up rows their first blocks read, gate/up's the down rows), to use the
-# memory that attention and the small products, bound by latency, leave idle (chained steps with
-# each kernel knocked out, 1.5B: attention 5.7 us a layer, wo 5.1, for 1.3 MB). Predicted: 1.5B
-# +10-14% a token. Measured, chained tg128 steps (us a token, one host): 1.5B 1260 -> 1318 (24 MB
-# of gate/up ahead) / 1302 (8 MB) / 1285 (24 MB of down); 7B 3110 -> 3152 / 3139 / 3290; 0.5B
-# 592 -> 616 / 616 / 587. Where the feed-forward products' weights come from does not bound them
-# (nor, by PRE's measurement above, their instruction count alone: what is left is the latency of
-# their waves of blocks), and the extra traffic slows the latency-bound kernels it overlaps.
+# Tried and not kept: trip-by-trip L2 prefetch for products without PRE (docs/experiments.md#trip-by-trip-l2-prefetch)
+# Tried and not kept: leads into later products' weights (docs/experiments.md#leads-into-later-products)
 # Staged activations (SK in _plan) for rows of STAGE_MIN_K .. STAGE_MAX_K (K + K/8 + K/4 bytes of
-# static shared memory). Measured on an H100 (7B, decode kernels replayed alone): the down
-# product (K = 18944, ~18 units a lane) 7 us faster a call (its warps walk the whole q8 vector,
-# which L1 held for ~24 warps a multiprocessor); gate/up (K = 3584, 3-4 units a lane) 47.3 ->
-# 51.4 us and the output head 240 -> 297 us slower: a block's staging round trip and bytes
-# (a third of its weights') outweigh a few L1 reads.
+# static shared memory): the 7B's down product (K = 18944) 7 us faster a call, but gate/up (K =
+# 3584) and the output head slower (docs/experiments.md#staged-activations).
 STAGE_MIN_K, STAGE_MAX_K = 8192, 32768
 # Decoding, products whose input x (the residual stream) has up to QIN_MAX_K values quantize
 # rmsnorm(x) * w themselves (QIN, see the kernel); the products that write x then end without
-# EPI_QUANT's tail (a fence, a counter, the last block's read-back). Measured on an H100, chained
-# decode steps at position 64:
-#   - tails dropped, results wrong (timing only): 0.5B 0.605 -> 0.526 ms, 7B 3.132 -> 2.948 (and
-#     with EPI_GATED's too: 0.497 / 2.776). An upper bound: the consumers then read a q8 that
-#     no kernel had changed, which their L1 may have held;
-#   - QIN: 0.5B (K = 896) 0.606 -> 0.571 ms, but 1.5B (K = 1536) 1.240 -> 1.284: every block
-#     reads x (4 bytes a value, not q8's 1.1) and the norm's weights from L2 after the wait, a
-#     burst that grows with K and with the blocks (1.5B gate/up: 1,120), so only the 0.5B's
-#     size gains. NUMBA_APR_QIN_MAX_K sets the bound (to measure it);
-#   - on the 0.5B, gate/up reading wo's quantizing tail instead (QIN for Q/K/V only): 0.574 ->
-#     0.586-0.590 ms, though gate/up is its slowest kernel (6.3 us replayed alone, 608 blocks).
-# Tried and not kept: the norm's weights into shared memory before the wait (0.5B 0.692 ms against
-# 0.571 without; 7B 4.41 against 3.13 with no QIN at all, QIN without it not measured there; not
-# understood); the tails' 32-value groups gathered in thread block
-# clusters (a cluster barrier and stores into the first block's shared memory, no fence, counter
-# or read-back): 0.5B 0.602 -> 0.599 ms, 1.5B 1.240 -> 1.262, 7B 3.140 -> 3.336, so the counters'
-# round trips were not what the tails cost.
+# EPI_QUANT's tail (a fence, a counter, the last block's read-back). The 0.5B's step (K = 896)
+# 0.606 -> 0.571 ms, the 1.5B's (K = 1536) 1.240 -> 1.284: every block reads x (4 bytes a value,
+# not q8's 1.1) from L2 after the wait, a burst that grows with K and with the blocks
+# (docs/experiments.md#inputs-quantized-by-their-consumer). NUMBA_APR_QIN_MAX_K sets the bound
+# (to measure it).
+# Tried and not kept: the norm's weights in shared memory; the tails gathered in thread block
+# clusters (docs/experiments.md#inputs-quantized-by-their-consumer)
 QIN_MAX_K = _env_int("NUMBA_APR_QIN_MAX_K", 1024)
 # The bound for the Q/K/V product alone (attention's input; gate/up's stays QIN_MAX_K): its
 # launch is few blocks (1.5B: 256, against gate/up's 1,120), so its burst of x reads is small,
-# and the down product before it ends without its tail. Predicted for the 1.5B: -2% a step (a
-# tail, ~2 us, against ~1 us of QIN a layer). Measured on an H100 (profile_decode.py, chained
-# steps at position 64, one host): 1.5B 1,238 -> 1,218 us, 7B (K = 3584) 3,098 -> 3,097, so it
-# stops short of the 7B's K; tg128 side by side: 1.5B 819 tok/s against 798 in an earlier run.
+# and the down product before it ends without its tail: 1.5B 1,238 -> 1,218 us a step, the 7B's
+# K = 3584 unchanged (docs/experiments.md#inputs-quantized-by-their-consumer).
 QIN_QKV_MAX_K = _env_int("NUMBA_APR_QIN_QKV_MAX_K", max(QIN_MAX_K, 2048))
 # Decode products that quantize their output, with one warp a row (KS = 1, RW = 1) and an input
 # quantized ahead (not QIN), run as blocks of 32 warps: each block holds a whole q8 block of the
 # output and quantizes it from shared memory (LOCAL in the kernel), where blocks of 4 rows need
-# the tail (a fence, a counter, the last block's read-back). Measured on an H100 (chained steps
-# at position 64, one host, each twice): the tails knocked out (results wrong, timing only) took
-# the 1.5B from 1,126 to 1,047 us a step (gated) / 1,070 (wo's) / 981 (both); as 32-warp blocks,
-# 1,126 -> 1,091 (gated) / 1,068 (both). 7B 2,789 -> 2,793 (its gate/up at 64 registers, not 72:
-# a 1024-thread block allows no more). Not for the 0.5B's gated product (two rows a warp, QIN:
-# 16 warps, 96 registers capped to 64): 565 -> 607-611. Rechecked at b856a80 (wo's blocks of 32
-# warps left for 4-warp blocks and the counter, GROUP_BLOCKS = 1; same bench, 1.5B): 927 / 931,
-# 925 / 929 -> 959 / 961, 963 / 964 us. Bit 1: EPI_GATED, bit 2: EPI_QUANT.
+# the tail (a fence, a counter, the last block's read-back): 1.5B 1,126 -> 1,068 us a step; not
+# for the 0.5B's gated product (two rows a warp, QIN), which lost
+# (docs/experiments.md#output-q8-blocks-quantized-in-one-block). Bit 1: EPI_GATED, bit 2: EPI_QUANT.
 GROUP_BLOCKS = _env_int("NUMBA_APR_GROUP_BLOCKS", 3)
 # Values a q8 block of the gated products' output (decoding): 16, each with its own scale, where
 # the rest of the q8 is 32 (quant16; the down product reads it through a view with x16). A LOCAL
 # block is a q8 block of rows, and a LOCAL block of 32 warps of 64 registers takes a whole
-# multiprocessor: the 1.5B's gate/up (8,960 rows: 280 blocks on 132 multiprocessors) ran 3 waves
-# for 2.12 waves of work. Measured on an H100 (the product alone, chained launches, weights
-# rotated past L2): 8,448 rows (2 waves) 9.6 us, 8,960 rows 13.0 us, 12,672 (3 waves) 13.8.
-# Blocks of 16 warps, two a multiprocessor, cut the last wave to 16 rows a block. Predicted:
-# 1.5B gate/up 13.0 -> ~10.5 us (-50 to -70 us a step). Measured, same bench: 8,960 rows 9.7 us
-# (8,448: 8.1); chained steps at position 64 (one host): 1.5B 1,006 -> 951 us with the block-
-# wide PRE below. The finer scales make the q8 closer to the values, not coarser. NUMBA_APR_
-# GATED_GROUP=32 sets the old blocks of 32 (to measure it).
-# Tried and not kept: EPI_QUANT's output in blocks of 16 too (the 1.5B's wo, 48 LOCAL blocks
-# of 32 warps on 132 multiprocessors, issue-bound, would have become 96 of 16; its consumers,
-# the output head included, reading scales and sums of squares per 16). Predicted: 1.5B -20
-# to -30 us a step. Measured on an H100 (chained steps at position 64, one host, twice each):
-# 926 -> 955 us. Not looked into further (device time spent).
+# multiprocessor: the 1.5B's gate/up (280 such blocks on 132 multiprocessors) ran 3 waves for
+# 2.12 waves of work; blocks of 16 warps, two a multiprocessor, cut the last wave to 16 rows a
+# block (1.5B 1,006 -> 951 us a step, docs/experiments.md#gated-outputs-in-q8-blocks-of-16). The
+# finer scales make the q8 closer to the values, not coarser. NUMBA_APR_GATED_GROUP=32 sets the
+# old blocks of 32 (to measure it).
+# Tried and not kept: EPI_QUANT's output in blocks of 16 too (docs/experiments.md#gated-outputs-in-q8-blocks-of-16)
 GATED_GROUP = _env_int("NUMBA_APR_GATED_GROUP", 16)
 if GATED_GROUP not in (16, 32):
     raise NumbaAprError(f"NUMBA_APR_GATED_GROUP must be 16 or 32, got {GATED_GROUP}")
 
 
-# Tried and not kept: gate/up kernels (EPI_GATED) capped at 56 registers. ncu (one eager step,
-# H100): the 1.5B's gate/up is 2,240 blocks of 72 registers, 7 blocks a multiprocessor, 2.42
-# waves (the 7B's 4,736 blocks, 5.1 waves), each block about one round trip; 56 fits 9 blocks,
-# 2 waves (7B: 4). Predicted -8% a 1.5B step, -6% a 7B one. Measured (H100, profile_decode.py,
-# one host): 1.5B gate/up 402 -> 426 us a step, 7B 1,198 -> 1,293: what the cap costs (spills,
-# rematerialised addresses) outweighs the wave it saves.
-# Tried and not kept: persistent blocks. A launch of only as many blocks as the device holds at
-# once (cuOccupancyMaxActiveBlocksPerMultiprocessor), each walking its tasks of 4 RW rows with
-# the next task's first trip loaded before the current one's sums and epilogue, so that no
-# block sits in its tail with nothing in flight and no wave is left a fraction full. Predicted
-# (H100, profile_decode.py): 1.5B gate/up 401 -> ~300 us a step. Measured (one host): 1.5B step
-# 1,283 -> 1,404 us, gate/up 448 -> 552 (down 263 -> 247, wo 128 -> 123). ptxas (-v, no GPU):
-# the 1.5B's gate/up went from 72 to 151 registers, with the next trip live through the
-# epilogue; capped at 80 / 96 it spilled 384 / 216 bytes. Without the early load (each task
-# loading at its top, from L2 where PRE had sent it) still 148 registers, 126 with the lanes'
-# units rotated by task: the loop's hoisted activation reads and its peeled first task.
-# Tried and not kept: bytes in flight held in shared memory instead of registers. Persistent
-# warps, each walking its rows in 32-unit chunks through a 3-8 stage `cp.async` pipeline of its
-# own (each lane copies and later reads only its own slots: no barrier), 48-64 registers.
-# Predicted (H100, a prototype replayed alone, chained, weights rotated past L2): 1.5B gate/up
-# 14.2 -> ~8 us. Measured, best of 7 shapes of grid and stages: 13.4 us; 7B gate/up 41.7 ->
-# 45.4, Q4_K down 8.4 -> 11.0 (1.5B) and 25.8 -> 36.9 (7B). ncu had the kernel before and the
-# prototype alike at 41-62% issue and 27-55% of DRAM: neither the bytes nor their number in
-# flight bound these products, their instructions do (see "Kept since" below).
-# Tried and not kept: units in slots. A warp walks its rows in trips of 32 KS UNROLL units of
-# each row, so the units past a row's end are computed too, weighted 0: rows of 48 units (the
-# 1.5B's K of 1,536) take a lane 4 unit evaluations for gate/up's 2 x 48, where 3 would do; the
-# 7B's gate/up 8 for 7. In slots, the warp's rows are one flat list of units that its lanes
-# walk in rounds of 32 (a lane's units crossing from one row into the next). Predicted (H100,
-# profile_decode.py): 1.5B gate/up 401 -> ~320 us a step, 7B 1,185 -> ~1,100. Measured (one
-# host): 1.5B step 1,217 -> 1,286 us (gate/up 399 -> 506, Q/K/V 140 -> 178), 7B step 3,097 ->
-# 4,141 (gate/up 1,187 -> 2,020). ptxas: gate/up 72 -> 80 registers (1.5B, 3 units a trip) and
-# 72 -> 96 (7B), the 7B's down 67 -> 80: each unit then computes its own row and addresses.
-# The unit count alone does not bound these products: 12.5% fewer units in 33% more registers
-# ran the 7B's gate/up 1.7x slower.
-# Tried and not kept (H100, same host as the code before): four units a lane a trip for the
-# 7B's rows of 112+ units, kernels replayed alone: gate/up 49.1 -> 47.3 us, wo/down 25.0 -> 24.4,
-# head 247 -> 245, no faster a token. Two or four rows a warp for every product, chained steps:
-# 1.5B 1.44 -> 1.40 / 1.46 ms, 7B 3.38 -> 3.60 / 3.73 ms. Four rows a warp for the output heads
-# only (38k blocks -> 9.5k): the 7B's head alone 231 -> 172 us, but tg128 295.5 -> 284 tok/s and
-# 0.5B 1382 -> 1360, about as slow with the heads left at one row a warp (283, 1365): the cost
-# of the code written for any rows a warp, not of the plan.
-#
-# Also tried and not kept: fewer instructions a unit. ncu on the 7B's products found them bound
-# by instruction issue, not DRAM (gate/up: ~175 instructions a 32-weight unit, issue slots 56%
-# busy, DRAM throughput 54%). The causes: numba widens integer arithmetic to 64 bits, so a scale
-# byte became an int64 -> float32 conversion; each scalar index wraps negative values around (3
-# more 64-bit operations a load); and LLVM cannot merge the inline-asm activation loads, so gate
-# and up each loaded the same activations. The fixes: 32-bit unit arithmetic, plain loads
-# without the wraparound, and unit positions walked by constant steps. Together they cut the
-# instructions by 28%. Kernels replayed alone (H100): 7B gate/up 40.9 -> 38.0 us, down
-# 31.0 / 38.0 -> 24.4 / 34.9 (Q4_K / Q6_K), head 201 -> 189. But ptxas took more registers (the
-# 0.5B's gate/up 72 -> 86; its 512-thread down product 56 -> 72, one block a multiprocessor), and
-# tg128 on one host: with registers capped at 64, 7B 317 -> 322.5 tok/s but 0.5B 1,745 -> 1,505
-# (spills); on another host, without the cap, 0.5B 1,738 -> 1,680 (the 7B not measured so); on a
-# third, capped for the 512-thread kernels only, 0.5B 1,676 and 7B 322.0.
-# Kept since: the two of those fixes that cost no registers. Scalar loads without the wraparound
-# (`_ld`), and scale bytes converted in 32 bits (`_byte_f32`), with a Q4_K/Q5_K chunk's four
-# scale and min bytes in one word (one load fewer a unit, see _unpack_k4). Why: replayed alone
-# (H100, chained, weights rotated past L2) the 1.5B's gate/up took 14.3 us, 12.6 us with every
-# row reading row 0's bytes from L1 (row strides 0), and a plain 16-byte read of its bytes 6.0
-# us (7B: 40.3 / 33.3 / 25.7): bound by its instructions, not by memory. SASS (ptxas, no GPU):
-# gate/up 1,896 -> 1,520 instructions (1.5B), 1,664 -> 1,296 (7B), registers 72 both before and
-# after; the Q6_K down 1,392 -> 1,160 (1.5B), registers 64 -> 62. Predicted -10% on gate/up and
-# down. Measured (profile_decode's chained steps at position 64, H100): 1.5B 1,217 -> 1,147 us
-# a step, 7B 2,989 -> 2,791. But the 0.5B (Q5_0 / Q8_0 rows, K = 896) 573 -> 595, every product
-# of it slower (wo +30%, the head +12%), from `_ld` in the two helpers only its types use (_h16,
-# _q5_words): with those two loads written as before, 573 -> 566 (one host, each twice). The two
-# PTX files have the same loads and conversions; what the device's ptxas (the driver's, not the
-# one we read SASS with) makes of them we did not see.
-# Tried with it and not kept: the weights read with coherent loads (`ld.global`, not `.nc`):
-# ptxas sinks `.nc` loads below griddepcontrol.wait, so a first trip is not in flight during the
-# wait as the kernel means it to be. 7B 2,791 -> 2,732 us, but 1.5B 1,147 -> 1,157 (twice each,
-# on two hosts). And gate/up capped at 72 registers (the device's ptxas gave it 75, 6 blocks a
-# multiprocessor; replayed alone 1.5B 14.3 -> 12.9 us): in the step, 1.5B 1,147 -> 1,153.
-# Tried and not kept: a trip whose second units (UNROLL 2) are all past the row taking one unit a
-# lane (a warp-uniform check, compiled in only for plans where such a trip exists): the 1.5B's
-# down (280 units, two warps a row) ran its first warp 3 trips of 2 units for 5 units' work.
-# Predicted: 1.5B -10 to -20 us a step. ptxas (no GPU): the down kernels 64 -> 72 registers
-# (Q6_K) and 56 -> 64 (Q4_K). Measured on an H100 (chained steps at position 64, one host):
-# 1.5B 922 / 925 -> 938 / 938 us; with the two changes noted in attention.py and model_cuda.py
-# too, the 0.5B (whose 512-thread down takes the check in its first trip) 538 -> 578.
-# Checked since, not kept: a unit's activations loaded once for all the rows of a warp (gate and
-# up, a RoPE pair) by code that shares them explicitly. ptxas (no GPU): the 1.5B's gate/up
-# 1,520 -> 1,536 instructions, 38 global loads both, so the loads were already shared (the
-# "cannot merge" above was before the loads became plain, side-effect-free PTX).
+# These products are bound by their instructions more than by their bytes or their latency: the
+# structural changes below were measured and lost. Kept from them: scalar loads without numba's
+# wraparound (`_ld`) and scale bytes converted in 32 bits (`_byte_f32`): 1.5B 1,217 -> 1,147 us a
+# step (docs/experiments.md#fewer-instructions-a-unit).
+# Tried and not kept: gate/up capped at 56 registers (docs/experiments.md#gateup-capped-at-56-registers)
+# Tried and not kept: persistent blocks (docs/experiments.md#persistent-blocks)
+# Tried and not kept: bytes in flight in shared memory, cp.async (docs/experiments.md#bytes-in-flight-in-shared-memory)
+# Tried and not kept: units in slots (docs/experiments.md#units-in-slots)
+# Tried and not kept: four units a lane, several rows a warp (docs/experiments.md#more-units-or-rows-a-warp)
+# Tried and not kept: coherent weight loads; gate/up capped at 72 registers (docs/experiments.md#fewer-instructions-a-unit)
+# Tried and not kept: one unit a lane in trips past the row (docs/experiments.md#one-unit-a-lane-in-a-trip-past-the-row)
+# Tried and not kept: a warp's rows sharing their activation loads (docs/experiments.md#activations-shared-by-a-warps-rows)
 
 
 def _plan(n_units: int, rows: int, epi: int, nbytes: int) -> tuple[int, int, int, bool, int]:
@@ -895,15 +754,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
         # is a memory round trip on the kernel's critical path): weights, tables and the
         # position (which the step's last kernel moves), and EPI_QUANT's out, the residual
         # stream, which the kernel two or more launches ahead wrote (see qmatmul_quant).
-        # Predicted (1.5B, ~7 round trips a layer of 0.3-0.8 us off the critical paths): -5 to
-        # -8% a step. Measured on an H100 (chained steps at position 64, one host, each twice):
-        # 1.5B 1,067 / 1,073 -> 1,027 / 1,019 us, and with QIN's norm weights loaded ahead too
-        # (below) 1,029 / 1,020 -> 1,014 / 1,011; 7B 2,858 / 2,865 -> 2,745; but 0.5B 568 /
-        # 568 -> 573 / 573, with or without QIN's part. The 0.5B's wo and down are plain
-        # accumulating stores (EPI_STORE: the products after them quantize x themselves, QIN),
-        # whose read of out is still after the wait; of this it gets RoPE's loads and the 1 / rms
-        # moved ahead of the dots only (ptxas, no GPU: its Q/K/V 68 -> 71 registers). Not
-        # understood; EPI_STORE's read of out ahead of the wait not tried.
+        # 1.5B 1,067 -> 1,027 us a step (docs/experiments.md#epilogue-inputs-loaded-before-the-wait).
         if EPI == EPI_ROPE:              # rows r, r1: a RoPE pair (columns a, b of [q | k | v])
             a, b = _rope_pair(min(r, rows - 2) + col >> 1, n_rot, hd, neox)
             r, r1 = a - col, b - col
@@ -934,9 +785,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 if EPI == EPI_GATED:
                     _prefetch_rows(w, o_qh, o_sc, s_qs, s_qh, s_sc, r0 + half, nr)
         # The first trip's units, into registers before the wait as well (a 0.5B's rows are all
-        # one trip): after it, only the activations are read. Measured on an H100 (same host,
-        # tg128): 0.5B 1505 -> 1595 tok/s, 1.5B 761 -> 777, 7B 305.6 -> 316.7; chained 0.5B
-        # step at position 64 0.643 -> 0.610 ms. Registers +0-16 (gated Q6_K 80 -> 96).
+        # one trip): after it, only the activations are read. 0.5B tg128 1,505 -> 1,595 tok/s
+        # (docs/experiments.md#first-trip-loaded-before-the-wait).
         qa = cuda.local.array((NP, 8), np.uint32)
         fa = cuda.local.array((NP, 4), np.float32)
         ea = cuda.local.array((NP, 2), np.int64)
@@ -1033,9 +883,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 if LOCAL:                # (one row a warp: r = G bx + warp)
                     vals[warp] = v
             if TAIL and not LOCAL:
-                # (tried: fence.acq_rel.gpu, SASS MEMBAR.ALL, here and in attention's and the
-                # sampler's counters, for this MEMBAR.SC: on an H100, chained tg128 steps, 1.5B
-                # 1,257 / 1,258 us a token, 0.5B 580 / 579: the fence is not what the tails cost)
+                # (tried and not kept: fence.acq_rel.gpu, docs/experiments.md#a-stronger-fence-in-the-tails)
                 cuda.threadfence()       # this lane's values, visible to the last block
         if TAIL and LOCAL:
             # The block's G rows are a whole q8 block of the output: quantized here, from shared
@@ -1066,15 +914,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
 # instructions. The int32 result of one k16 slice is scaled at once: acc += xd * (d * dot + m *
 # sum(xq)); where the two k16 slices of each 32 values share d and m (every type but Q6_K, whose
 # scales are per 16), they go through one m16n8k32 instruction and one scaling instead.
-#
-# Measured on an H100 (T = 512, 7B shapes; .dev probes): the first version (64 x 32 tiles of 4
-# warps, a sync between loading and multiplying) ran at 13-20 TMAC/s, and a multiply-only run
-# showed the loads to be 60% of it: three loops of loads, each waiting a memory round trip.
-# Loads written as straight-line code (one round trip a step): 1.25-1.35x. 128 x 64 tiles of 16
-# warps (weights decoded once for 64 tokens): 1.3-1.5x. The step's mma written out (constant
-# shared addresses, the slices' instructions interleaved) and the next step's loads in flight
-# during the multiply, into a second buffer: 1.05x (gate/up) to 1.7x (Q6_K down). Together
-# ~2x: 26-40 TMAC/s. (An L1 prefetch of the next step instead gained nothing.)
+# Straight-line loads, 128 x 64 tiles of 16 warps and the next step's loads in flight during the
+# multiply took it from 13-20 to 26-40 TMAC/s on 7B shapes (docs/experiments.md#from-13-to-40-tmacs).
 MMA_NTILE = 4                # column tiles of 8 tokens a warp: 16 accumulators a lane (8 went
                              # to the stack: numba's loops over them were not unrolled)
 MMA_K = 128                  # K a step: 4 units a row (K steps of 256 measured slower)
@@ -1297,28 +1138,19 @@ def _make_mma_kernel(unit, K32, WR, WT):
 
 # Output heads (decoding, a vocabulary of rows, plain stores): a warp takes HEAD_RW consecutive
 # rows, each lane the same units of the four, so that a lane has four rows' loads in flight at
-# once (HEAD_RW * UNROLL units) and the blocks are a quarter as many. Measured on an H100 as a
-# plan of the shared decode kernel (kernels replayed alone): the 7B's head 231 -> 172 us, the
-# 1.5B's 136 -> under 95; but the shared kernel written for any rows a warp ran every other
-# product slower (tg128 7B 295.5 -> 284), hence a kernel of its own. Measured as this kernel
-# (position 64): 0.5B-shaped head 77 -> 56 us, 1.5B 131 -> 96, 7B 241 -> 189. (16 warps of one
-# row a block instead, as many blocks as this: 0.5B 77 -> 93 us; the block count was not it.)
+# once (HEAD_RW * UNROLL units) and the blocks are a quarter as many. A kernel of its own: as a
+# plan of the shared decode kernel, the code written for any rows a warp ran every other product
+# slower. As this kernel: 0.5B-shaped head 77 -> 56 us, 7B 241 -> 189
+# (docs/experiments.md#four-rows-a-warp).
 HEAD_ROWS, HEAD_RW = 32768, 4
 # Half-warp rows. Lanes walk a row's units 32 apart, so rows of 48 units (K = 1,536: the 1.5B's)
 # take 64 unit slots, 16 of them weighted 0: a lane of the head computes 8 unit products where
 # 6 would do. Rows of an odd number of 16-unit halves, up to HALF_MAX_UNITS (16 or 48: past
 # that, 5+ units a lane), go to half-warps instead: lanes 0-15 take two of the warp's rows,
-# lanes 16-31 the other two, 3 units of each a lane. NUMBA_APR_HALF_MAX_UNITS sets the bound
-# (0: off, to measure it).
-# Predicted: the 1.5B's head -20%, ~20 us a step. Measured on an H100 (chained steps at position
-# 64, one host, each twice): 1.5B 1,153 / 1,152 -> 1,126 / 1,128 us a step; 0.5B 568 -> 567 and
-# 7B 2,786 -> 2,787, whose heads keep the plan they had (28 and 112 units). profile_decode.py
-# had the 1.5B's head at 105.4 -> 80.9 us.
-# Tried and not kept: the same for the decode kernel's two-row warps (gate and up rows, a RoPE
-# pair: a half-warp each, 3 units of its row a lane, not 2 of each of the two). ptxas (no GPU):
-# the 1.5B's gate/up 72 -> 66 registers, Q/K/V 114 -> 96, a quarter fewer unit products.
-# Predicted: gate/up 366 -> ~320 us a step, Q/K/V 144 -> ~130. Measured (same runs): gate/up
-# 366 -> 416, Q/K/V 144 -> 178; the step, with the head's gain, 1,150 -> 1,174 us (twice each).
+# lanes 16-31 the other two, 3 units of each a lane (the 1.5B's head 105.4 -> 80.9 us,
+# docs/experiments.md#half-warp-rows). NUMBA_APR_HALF_MAX_UNITS sets the bound (0: off, to
+# measure it).
+# Tried and not kept: half-warp rows in the decode kernel's two-row warps (docs/experiments.md#half-warp-rows-in-two-row-warps)
 HALF_MAX_UNITS = _env_int("NUMBA_APR_HALF_MAX_UNITS", 48)
 
 

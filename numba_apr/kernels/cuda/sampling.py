@@ -48,12 +48,8 @@ serial part.
   softmax-mass histograms) in the last block alone: correct for any k, but slow (milliseconds on
   a 152k vocabulary).
 
-Measured on an H100 (152k vocabulary, both kernels replayed from a CUDA graph, 2.3 us of which is
-the graph launch): greedy 9.9 us (10.9 with a 64-token penalty window), top_k = 1 10.2 us,
-llama.cpp's defaults (top-k 40, top-p 0.95, min-p 0.05) 30 us, top-k off with min-p 28.9 us,
-top-k and top-p off 20 us, top-k 1024 59 us, top-k off with top-p 0.9 52 us; top-p 0.999 with
-min-p off 3.5 ms (the radix path). The CPU Sampler takes 35 us for the defaults on the logits
-(plus their copy to the host). Most of the sampling time is the last blocks' serial work.
+On a 152k vocabulary (H100): greedy ~10 us, llama.cpp's defaults ~30 us, the radix path
+milliseconds; most of it is the last blocks' serial work (docs/experiments.md#sampler-timings).
 
 Parameters (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, and a forced u for
 tests) live in a small device array written by __init__/reset, so one captured graph serves any
