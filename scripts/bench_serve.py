@@ -151,28 +151,39 @@ def main():
     ap.add_argument("--limit", type=float, default=300, help="seconds any one request may take")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--engine", action="store_true", help="also the scheduler alone, in this process")
+    ap.add_argument("--json", help="results file: what it holds already is not measured again (so a "
+                                   "second run can add llama.cpp's later), and each result is added to it")
     a = ap.parse_args()
     from numba_apr.packaged import resolve
     path = str(resolve(a.model))
     streams = [int(x) for x in a.streams.split(",")]
     np_, ctx = max(streams), max(streams) * a.n_ctx_slot
     results = {}
+    if a.json and os.path.exists(a.json):
+        results = {k: {int(n): tuple(v) for n, v in r.items()} for k, r in json.load(open(a.json)).items()}
+
+    def keep(name, run):
+        if name not in results:
+            results[name] = run()
+            if a.json:
+                json.dump(results, open(a.json, "w"))
+
     port = free_port()
-    results["numba_apr"] = measure("numba_apr", [sys.executable, "-m", "numba_apr.server", "-m", path, "--port",
+    keep("numba_apr", lambda: measure("numba_apr", [sys.executable, "-m", "numba_apr.server", "-m", path, "--port",
                                                  str(port), "-np", str(np_), "-c", str(ctx), "-t", str(a.threads),
                                                  "--device", a.device],
-                                   f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit)
+                                   f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit))
     if a.engine:
-        results["engine"] = engine(path, a.device, a.threads, a.n_ctx_slot, streams, a.n_gen, a.repetitions)
+        keep("engine", lambda: engine(path, a.device, a.threads, a.n_ctx_slot, streams, a.n_gen, a.repetitions))
     if a.llama_server:
         from bench import usable_llama_bench
         exe = os.path.join(os.path.dirname(usable_llama_bench(os.path.join(os.path.dirname(a.llama_server),
                                                                             "llama-bench"))), "llama-server")
         port = free_port()
-        results["llama.cpp"] = measure("llama.cpp", [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port),
+        keep("llama.cpp", lambda: measure("llama.cpp", [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port),
                                                      "-np", str(np_), "-c", str(ctx), "-t", str(a.threads)]
                                        + (["-ngl", "99"] if a.device == "cuda" else []),
-                                       f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit)
+                                       f"http://127.0.0.1:{port}", streams, a.n_gen, a.repetitions, a.limit))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     gpu = ""
     if a.device == "cuda":
