@@ -9,10 +9,10 @@ has no quantizer launches at all.
 
 `quant32` quantizes 32 values a warp holds, one a lane; `quant16` the same 32 values as two
 blocks of 16, each with its own scale (the decode step's gated activations: see
-qmatmul.GATED_GROUP; a consumer reads such a q8 through an ActBuffers view with `x16`);
+qmatmul_decode.GATED_GROUP; a consumer reads such a q8 through an ActBuffers view with `x16`);
 `quant8` a block of 32 from 4 threads of 8 values each, for a block that quantizes its own
-input into shared memory (a decode product's QIN, qmatmul.py): it and quant32 give the same
-q8. `gated` is the activation of a gated feed-forward, act(gate) * up.
+input into shared memory (a decode product's QIN, qmatmul_decode.py): it and quant32 give the
+same q8. `gated` is the activation of a gated feed-forward, act(gate) * up.
 """
 import math
 

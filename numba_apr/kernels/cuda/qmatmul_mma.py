@@ -1,0 +1,246 @@
+"""Prompt products on the GPU's int8 tensor cores (`mma.sync` from ptx.py), T >= MMA_MIN_T tokens.
+
+`_make_mma_kernel` builds, per type and tile shape (`mma_tiles`), the kernel that qmatmul.py's
+`qmatmul` launches for prompts: a block decodes a 128-row x 128-column weight tile through the
+units of qmatrix.py into shared memory, next to the 64-token q8 activation tile, and each of
+its 16 warps multiplies 16 rows by 32 tokens, scaling each int32 result by its halves' d and m;
+the next step's loads are in flight while a step multiplies.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ..._numba import cuda_jit
+from . import ptx
+from .qmatrix import _store
+
+
+# Prompts: the int8 tensor cores (ptx.mma_s8), as llama.cpp's mmq. A block computes a tile of
+# 16 WR weight rows x 32 WT tokens (`mma_tiles`), walking K in steps of MMA_K. Each step, its
+# threads decode the weight tile through the units of qmatrix.py (each 16-value half of a unit
+# is one k16 slice of the tile, with its own d and m) into shared memory as int8, next to the q8
+# activation tile, then each warp runs 16 rows x 32 tokens as (MMA_K / 16) x 4 mma
+# instructions. The int32 result of one k16 slice is scaled at once: acc += xd * (d * dot + m *
+# sum(xq)); where the two k16 slices of each 32 values share d and m (every type but Q6_K, whose
+# scales are per 16), they go through one m16n8k32 instruction and one scaling instead.
+# Straight-line loads, 128 x 64 tiles of 16 warps and the next step's loads in flight during the
+# multiply took it from 13-20 to 26-40 TMAC/s on 7B shapes (docs/experiments.md#from-13-to-40-tmacs).
+MMA_NTILE = 4                # column tiles of 8 tokens a warp: 16 accumulators a lane (8 went
+                             # to the stack: numba's loops over them were not unrolled)
+MMA_K = 128                  # K a step: 4 units a row (K steps of 256 measured slower)
+MMA_MIN_T = 16               # from this many tokens up, products go to the tensor cores
+
+
+def mma_tiles() -> tuple[int, int]:
+    """(WR, WT): warps a prompt-product block has along rows x along tokens; its tile is 16 WR
+    rows x 8 MMA_NTILE WT tokens. 8 x 2 (76 KB of static shared memory, double-buffered) where
+    it was measured, compute capability 9.0 (H100); 4 x 1 (38 KB: within the 48 KB that every
+    GPU allows a block without opting in) on others; 2 x 1 on the simulator, which runs a
+    thread at a time in Python (test_prompt_product_gpu_tiles also runs 8 x 2 there once)."""
+    if not _MMA_TILES:
+        _MMA_TILES.append((2, 1) if ptx.SIM else (8, 2) if cuda.get_current_device().compute_capability >= (9, 0)
+                          else (4, 1))
+    return _MMA_TILES[0]
+
+
+_MMA_TILES: list = []
+
+
+@cuda_jit(device=True)
+def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
+    """acc[i..i+4] += the int32 mma result of rows (A, B) x tokens (ta, ta+1), scaled:
+    xd * (d * dot + m * sum(xq)), with xd * sum(xq) staged in sS (buffer p)."""
+    xa, xb = sX[p, ta, kx], sX[p, ta + 1, kx]
+    sa, sb = sS[p, ta, ks], sS[p, ta + 1, ks]
+    acc[i] += mA * sa                     # (two fma a value)
+    acc[i] += xa * dA * np.float32(c0)
+    acc[i + 1] += mA * sb
+    acc[i + 1] += xb * dA * np.float32(c1)
+    acc[i + 2] += mB * sa
+    acc[i + 2] += xa * dB * np.float32(c2)
+    acc[i + 3] += mB * sb
+    acc[i + 3] += xb * dB * np.float32(c3)
+
+
+def _make_mma_kernel(unit, K32, WR, WT):
+    """The tensor-core product: WR x WT warps, each 16 rows x 8 * NTILE tokens; a block's tile is
+    16 * WR rows x 8 * NTILE * WT tokens (grid: x over token tiles, y over row tiles, so the blocks
+    that share a weight tile run together and find it in L2)."""
+    KSTEP = MMA_K
+    assert KSTEP == 128              # (`multiply` below is written out for it)
+    NTILE = MMA_NTILE
+    NACC = 4 * NTILE                 # (sizes as closure constants: numba.cuda wants array
+    NTOK_W = 8 * NTILE               #  shapes fixed at compile time, not expressions)
+    NTOK = NTOK_W * WT
+    ROWS = 16 * WR
+    NTHR = 32 * WR * WT
+    U = KSTEP // 32                  # units a row a step
+    SW = KSTEP // 4 + 4              # words a row of a shared tile: +4 puts the 32 lanes'
+                                     # fragment loads (row g, word 4kk + q) on 32 banks
+    KS = KSTEP // 16                 # k16 slices a step
+    K32S = KSTEP // 32
+    NA = ROWS * U                    # units a tile
+    NB = NTOK * (KSTEP // 4)         # activation words a tile
+    NSC = NTOK * KS
+    KW4 = KSTEP // 4                 # activation words a token a step
+    NAI = (NA + NTHR - 1) // NTHR    # units a thread a step
+    NBI = NB // NTHR                 # activation words a thread a step
+    NSI = NSC // NTHR                # activation scales a thread a step
+
+    @cuda_jit(device=True)
+    def fetch(ku, tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw,
+              bw, sx, ss, qa, fa, ea):
+        """Step ku's loads into registers, all issued before any is waited on: the activations
+        first (plain loads), then the weight units (each decodes once its loads are in)."""
+        for i in range(NBI):
+            idx = i * NTHR + tid
+            t = min(t0 + idx // KW4, T - 1)
+            k = ku * 8 + idx % KW4
+            v = xq[t, min(k, kw - 1)]
+            bw[i] = v if k < kw else 0
+        for i in range(NSI):
+            idx = i * NTHR + tid
+            t = min(t0 + idx // KS, T - 1)
+            j = idx % KS
+            b = ku + (j >> 1)
+            s = xd[t, min(b, n_units - 1)]
+            sx[i] = s if b < n_units else np.float32(0.0)
+            if K32:   # sS: xd * the sum of the quants of each 32, in the first K32S entries
+                b2 = ku + (j & (K32S - 1))
+                bc = min(b2, n_units - 1)
+                v2 = xd[t, bc] * np.float32(xs[t, 2 * bc] + xs[t, 2 * bc + 1])
+                ss[i] = v2 if b2 < n_units else np.float32(0.0)
+            else:     # of each k16 slice
+                ss[i] = sx[i] * np.float32(xs[t, min(2 * ku + j, 2 * n_units - 1)])
+        for i in range(NAI):
+            idx = min(i * NTHR + tid, NA - 1)
+            u = ku + idx % U
+            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
+                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + idx // U, rows - 1), min(u, n_units - 1))
+            ok = u < n_units   # (only types of 32-value blocks have a K that KSTEP does not divide)
+            qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
+            qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
+            fa[i, 0] = d0 if ok else np.float32(0.0)
+            fa[i, 1] = m0 if ok else np.float32(0.0)
+            fa[i, 2] = d1 if ok else np.float32(0.0)
+            fa[i, 3] = m1 if ok else np.float32(0.0)
+            ea[i, 0] = e0 - 32 * ku if ok else 32 * (u - ku)
+            ea[i, 1] = e1 - 32 * ku if ok else 32 * (u - ku) + 16
+
+    @cuda_jit(device=True)
+    def put(p, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS):
+        """The registers of fetch into shared buffer p."""
+        for i in range(NBI):
+            idx = i * NTHR + tid
+            sB[p, idx // KW4, idx % KW4] = bw[i]
+        for i in range(NSI):
+            idx = i * NTHR + tid
+            tk = idx // KS
+            j = idx % KS
+            if (j & 1) == 0:
+                sX[p, tk, j >> 1] = sx[i]
+            if not K32 or j < K32S:
+                sS[p, tk, j] = ss[i]
+        for i in range(NAI):
+            idx = i * NTHR + tid
+            if NA % NTHR == 0 or idx < NA:
+                rl = idx // U
+                j = ea[i, 0] >> 2
+                sA[p, rl, j], sA[p, rl, j + 1], sA[p, rl, j + 2], sA[p, rl, j + 3] = qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3]
+                j = ea[i, 1] >> 2
+                sA[p, rl, j], sA[p, rl, j + 1], sA[p, rl, j + 2], sA[p, rl, j + 3] = qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7]
+                sD[p, rl, ea[i, 0] >> 4], sM[p, rl, ea[i, 0] >> 4] = fa[i, 0], fa[i, 1]
+                sD[p, rl, ea[i, 1] >> 4], sM[p, rl, ea[i, 1] >> 4] = fa[i, 2], fa[i, 3]
+
+    @cuda_jit(device=True)
+    def k32(acc, p, kk, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """32 values of K: one k32 mma a column tile (every type but Q6_K: both k16 slices of
+        each 32 share d and m, so one scaling)."""
+        a0, a1 = sA[p, ra, 8 * kk + q], sA[p, ra + 8, 8 * kk + q]
+        a2, a3 = sA[p, ra, 8 * kk + 4 + q], sA[p, ra + 8, 8 * kk + 4 + q]
+        dA, mA, dB, mB = sD[p, ra, 2 * kk], sM[p, ra, 2 * kk], sD[p, ra + 8, 2 * kk], sM[p, ra + 8, 2 * kk]
+        for nt in range(NTILE):
+            tb = tw + 8 * nt
+            c0, c1, c2, c3 = ptx.mma_s8_k32(a0, a1, a2, a3, sB[p, tb + g, 8 * kk + q], sB[p, tb + g, 8 * kk + 4 + q])
+            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, tb + 2 * q, kk, kk)
+
+    @cuda_jit(device=True)
+    def k16(acc, p, kk, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """16 values of K: one k16 mma a column tile (Q6_K: scales per 16)."""
+        a0, a1 = sA[p, ra, 4 * kk + q], sA[p, ra + 8, 4 * kk + q]
+        dA, mA, dB, mB = sD[p, ra, kk], sM[p, ra, kk], sD[p, ra + 8, kk], sM[p, ra + 8, kk]
+        for nt in range(NTILE):
+            tb = tw + 8 * nt
+            c0, c1, c2, c3 = ptx.mma_s8(a0, a1, sB[p, tb + g, 4 * kk + q])
+            _scale4(acc, 4 * nt, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, tb + 2 * q, kk >> 1, kk)
+
+    @cuda_jit(device=True)
+    def multiply(acc, p, ra, tw, g, q, sA, sD, sM, sB, sX, sS):
+        """The step's mma from shared buffer p, written out (KSTEP = 128) so that the
+        addresses are constants and the instructions of the slices interleave."""
+        if K32:
+            k32(acc, p, 0, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 1, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 2, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k32(acc, p, 3, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+        else:
+            k16(acc, p, 0, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 1, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 2, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 3, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 4, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 5, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 6, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            k16(acc, p, 7, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+
+    @cuda_jit(max_registers=min(255, 65536 // NTHR))   # (8 x 2: one block fills the register file)
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        g = lane >> 2
+        q = lane & 3
+        wi = tid >> 5
+        ra = (wi % WR) * 16 + g             # this lane's A rows: ra and ra + 8
+        tw = (wi // WR) * NTOK_W            # this warp's first token in the tile
+        r0 = cuda.blockIdx.y * ROWS
+        t0 = cuda.blockIdx.x * NTOK
+        sA = cuda.shared.array((2, ROWS, SW), np.uint32)     # weight quants, int8
+        sD = cuda.shared.array((2, ROWS, KS), np.float32)    # their d per k16 slice
+        sM = cuda.shared.array((2, ROWS, KS), np.float32)    # and m
+        sB = cuda.shared.array((2, NTOK, SW), np.int32)      # activation quants, int8
+        sX = cuda.shared.array((2, NTOK, K32S), np.float32)  # their scale per 32
+        sS = cuda.shared.array((2, NTOK, KS), np.float32)    # scale * sum of the slice's quants
+        acc = cuda.local.array(NACC, np.float32)
+        for i in range(NACC):
+            acc[i] = 0.0
+        bw = cuda.local.array(NBI, np.int32)                 # a step's loads, in registers
+        sx = cuda.local.array(NSI, np.float32)
+        ss = cuda.local.array(NSI, np.float32)
+        qa = cuda.local.array((NAI, 8), np.uint32)
+        fa = cuda.local.array((NAI, 4), np.float32)
+        ea = cuda.local.array((NAI, 2), np.int64)
+        kw = xq.shape[1]
+        # One step ahead: step s + 1's loads are in flight while step s multiplies from the
+        # other buffer (the last step fetches itself again: no branch in between). Every warp
+        # computes all its NTILE column tiles, those past T on copies of token T - 1: no branch
+        # between the mma either.
+        fetch(0, tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw, bw, sx, ss, qa, fa, ea)
+        put(0, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS)
+        cuda.syncthreads()
+        last = ((n_units - 1) // U) * U
+        p = 0
+        for ku in range(0, n_units, U):
+            fetch(min(ku + U, last), tid, r0, t0, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, kw,
+                  bw, sx, ss, qa, fa, ea)
+            multiply(acc, p, ra, tw, g, q, sA, sD, sM, sB, sX, sS)
+            put(1 - p, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS)
+            cuda.syncthreads()
+            p = 1 - p
+        for nt in range(NTILE):
+            for j in range(4):
+                r = r0 + ra + 8 * (j >> 1)
+                t = t0 + tw + 8 * nt + 2 * q + (j & 1)
+                if r < rows and t < T:
+                    _store(out, bias, col + r, t, acc[4 * nt + j], accumulate_out)
+    return kernel
