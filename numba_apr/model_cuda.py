@@ -354,7 +354,9 @@ class CudaRunner:
         self._n_queued = 0
         # Decode steps of several sequences (eval_batch): a graph per (batch size, short); the
         # sizes are powers of two up to n_seq (and n_seq), a batch padded to the next.
-        self.batch_sizes = sorted({min(1 << i, n_seq) for i in range(n_seq.bit_length() + 1)})
+        # (A step has at most n_batch tokens, the rows of every buffer: no size passes that.)
+        top = min(n_seq, n_batch)
+        self.batch_sizes = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
         self.bgraphs = {}
         host = cuda.pinned_array if not ptx.SIM else np.zeros
         self._binp = host((3, n_seq), np.int32)
@@ -524,8 +526,9 @@ class CudaRunner:
         ones = starts[single]
         nd = len(ones)
         if nd:
-            if nd > s.n_seq:
-                raise NumbaAprError(f"eval_batch: {nd} decoding sequences, more than the {s.n_seq} slots")
+            if nd > self.batch_sizes[-1]:
+                raise NumbaAprError(f"eval_batch: {nd} decoding sequences, more than a step takes "
+                                    f"({self.batch_sizes[-1]}: slots, and tokens a batch)")
             B = next(b for b in self.batch_sizes if b >= nd)
             h = self._binp
             h[0, :nd], h[1, :nd] = tokens[ones], positions[ones]
