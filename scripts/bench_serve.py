@@ -89,6 +89,7 @@ def measure(name, cmd, base, streams, n_gen, reps, limit):
         round_once(base, 1, 8, limit)  # warm-up
         out = {}
         for n in streams:
+            round_once(base, n, 8, limit)  # a first round of n: whatever this batch size compiles or captures
             rounds = [round_once(base, n, n_gen, limit) for _ in range(reps)]
             out[n] = (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
             print(f"  {name:10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",
@@ -130,6 +131,7 @@ def engine(path, device, threads, n_ctx_slot, streams, n_gen, reps):
         round_(1, 8)
         out = {}
         for n in streams:
+            round_(n, 8)
             rounds = [round_(n, n_gen) for _ in range(reps)]
             out[n] = (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
             print(f"  {'engine':10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",

@@ -100,7 +100,7 @@ def test_eval_batch_matches_each_sequence_alone(rng, arch):
     w = tiny_weights(rng, c)
     n_ctx, n_seq = 16, 3
     ids = [rng.integers(0, c.n_vocab, 9).astype(np.int32) for _ in range(n_seq)]
-    alone = CudaRunner(c, w, n_ctx, 8)
+    alone = CudaRunner(c, w, n_ctx, 16)
     want = []
     for seq in ids:
         alone.eval(seq, 0, want_all=True)
