@@ -11,7 +11,7 @@ tg (llama.cpp's decode) speed. Shapes are Qwen2.5-1.5B's (N output rows x K inpu
     down     1536 x 8960     ffn_down.weight
     output 151936 x 1536     output.weight (the tied token embedding)
 
-Weights are random N(0, 0.02) floats (fixed seed) quantized by `numba_apr.quantize.quantize`
+Weights are random N(0, 0.02) floats (fixed seed) quantized by `numba_apr.model.quantize.quantize`
 (gguf-py's `gguf.quants.quantize` for the types it lacks: Q4_1) and repacked by
 `qmatmul.repack`; their values do not change the kernel's speed. Several copies of the matrix
 are cycled through, so that the weights come from memory as in a real decode step, not from a
@@ -58,7 +58,7 @@ class _Product:
         try:
             from gguf import GGMLQuantizationType
             from numba_apr.kernels.cpu.qmatmul import GROUP, PackedMatrix, QScratch, qmatmul, repack
-            from numba_apr.quantize import quantize
+            from numba_apr.model.quantize import quantize
         except ImportError:  # a commit from before the integer kernels
             raise NotImplementedError("no numba_apr.kernels.cpu.qmatmul in this commit")
         qt = int(GGMLQuantizationType[qtype])

@@ -1,7 +1,7 @@
 """The Python API other tools call: `load()` -> `Model`, and `load_tokenizer()`.
 
 A Model owns the parsed GGUF (memory-mapped), its Config, Weights, Tokenizer and its backend's
-runner (model.CpuRunner or model_cuda.CudaRunner: one interface, so nothing here asks which).
+runner (model.cpu.CpuRunner or model.cuda.CudaRunner: one interface, so nothing here asks which).
 It remembers which tokens its KV cache holds, so a new prompt that extends the previous one
 (a chat turn) evaluates only the new tokens.
 """
@@ -15,15 +15,15 @@ import numba
 import numpy as np
 
 from . import packaged
-from .arch import build_config
-from .chat import render_chat
+from .model.arch import build_config
+from .text.chat import render_chat
 from .errors import NumbaAprError
 from .generate import GenerationStats, generate
-from .gguf_file import GGUFFile
-from .model import load_weights
-from .packing import pack_weights
+from .model.gguf_file import GGUFFile
+from .model.cpu import load_weights
+from .model.packing import pack_weights
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 DEVICES = ("cpu", "cuda")
 N_BATCH = 512  # prompt tokens evaluated per forward pass (llama.cpp's default micro-batch)
@@ -184,7 +184,7 @@ class Model:
 
 
 def _cpu_runner(m: Model, n_batch: int, n_seq: int, progress):
-    from .model import CpuRunner
+    from .model.cpu import CpuRunner
     progress(0.45, "repacking weights")
     if not os.environ.get("NUMBA_APR_NOPACK"):  # =1: every product on the plain float path (to compare)
         pack_weights(m.gguf, m.weights)
@@ -193,7 +193,7 @@ def _cpu_runner(m: Model, n_batch: int, n_seq: int, progress):
 
 
 def _cuda_runner(m: Model, n_batch: int, n_seq: int, progress):
-    from .model_cuda import CudaRunner  # numba.cuda is imported only for the GPU
+    from .model.cuda import CudaRunner  # numba.cuda is imported only for the GPU
     progress(0.45, "uploading weights")
     return CudaRunner(m.config, m.weights, m.n_ctx, n_batch, n_seq)
 

@@ -50,7 +50,7 @@ def ours_once_cuda(model, n_prompt, n_gen, rng):
     """pp: the prompt in batches of n_batch, timed to the device's completion. tg: greedy steps,
     each one replay of the decode graph with the argmax on the device and the id back to the host
     (llama-bench's tg does not even sample: this is the stricter measure)."""
-    from numba_apr.model_cuda import CudaStepper
+    from numba_apr.model.cuda import CudaStepper
     from numba_apr.sampling import SamplingParams
 
     runner, out = model.runner, {}

@@ -11,7 +11,7 @@ the 7B and larger models, as the converter pads the real ones). Weights are N(0,
 biases N(0, 0.02), norms 1 + N(0, 0.02), all a function of (--seed, tensor name, element
 index) only, so a tensor is the same whatever the chunking and thread count.
 
-Tensor types are `numba_apr.quantize.q4_k_m_type`: what `llama-quantize ... Q4_K_M` picks
+Tensor types are `numba_apr.model.quantize.q4_k_m_type`: what `llama-quantize ... Q4_K_M` picks
 (checked one for one against llama-quantize run on the --type f16 file). With --type f16,
 2D weights are F16 and 1D tensors F32: an input for llama-quantize.
 
@@ -39,9 +39,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from numba_apr._numba import pjit, prange
-from numba_apr.gguf_file import GGUFFile
+from numba_apr.model.gguf_file import GGUFFile
 from numba_apr.packaged import cache_dir
-from numba_apr.quantize import q4_k_m_type, quantize_into, row_bytes
+from numba_apr.model.quantize import q4_k_m_type, quantize_into, row_bytes
 
 VOCAB_FILE = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "ggml-vocab-qwen2.gguf"
 CHUNK_ELEMENTS = 1 << 22  # rows generated and quantized per step: 16 MiB of float32

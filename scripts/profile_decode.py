@@ -148,7 +148,7 @@ def main():
 
     import numba_apr
     from numba_apr.errors import NumbaAprError
-    from numba_apr.model_cuda import DECODE_STEPS
+    from numba_apr.model.cuda import DECODE_STEPS
     try:
         if not 1 <= a.steps <= DECODE_STEPS:
             raise NumbaAprError(f"--steps must be 1..{DECODE_STEPS}, got {a.steps}")

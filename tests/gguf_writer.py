@@ -4,7 +4,7 @@ import struct
 
 from gguf import GGUFValueType as V
 
-from numba_apr.gguf_file import GGUFFile
+from numba_apr.model.gguf_file import GGUFFile
 
 from conftest import SHARED
 

@@ -1,4 +1,4 @@
-"""Several sequences in one forward pass (model.forward_batch, Model._eval_batch) against each
+"""Several sequences in one forward pass (model.cpu.forward_batch, Model._eval_batch) against each
 sequence evaluated alone: batching must change no logit, whatever the mix of prompt chunks and
 decode tokens, and each sequence must see only its own KV slot."""
 import numpy as np

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import SHARED, model_path
 
-from numba_apr.chat import render_chat, render_chatml
+from numba_apr.text.chat import render_chat, render_chatml
 from numba_apr.errors import NumbaAprError
-from numba_apr.gguf_file import GGUFFile
+from numba_apr.model.gguf_file import GGUFFile
 
 QWEN_GGUF = SHARED / "models" / "tiny-qwen2-q4km.gguf"
 

@@ -95,7 +95,7 @@ def test_eval_batch_matches_each_sequence_alone(rng, arch):
     logits against that sequence evaluated alone from position 0."""
     from test_cuda_model import close, tiny_config, tiny_weights
 
-    from numba_apr.model_cuda import CudaRunner
+    from numba_apr.model.cuda import CudaRunner
     c = tiny_config(arch)
     w = tiny_weights(rng, c)
     n_ctx, n_seq = 16, 3

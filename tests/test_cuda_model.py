@@ -1,4 +1,4 @@
-"""The whole GPU forward pass (model_cuda.py) against the CPU one (model.py) on a tiny random
+"""The whole GPU forward pass (model/cuda.py) against the CPU one (model/cpu.py) on a tiny random
 model of each architecture's features (QKV biases; gemma3's q/k norms, post-norms, GELU,
 sliding window and embedding scale), prompts and decode steps, plus the device-side generation
 step. Under numba's CUDA simulator in CI (tiny shapes); on a GPU with NUMBA_ENABLE_CUDASIM=0.
@@ -12,11 +12,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
 from test_matmul import SEED, rng  # noqa: F401  (fixture)
 
-from numba_apr.arch import Config, LayerPlan, tables
-from numba_apr.gguf_file import Tensor
-from numba_apr.model import LayerWeights, RunState, Weights, forward
-from numba_apr.model_cuda import CudaRunner
-from numba_apr.quantize import quantize as numba_apr_quantize
+from numba_apr.model.arch import Config, LayerPlan, tables
+from numba_apr.model.gguf_file import Tensor
+from numba_apr.model.cpu import LayerWeights, RunState, Weights, forward
+from numba_apr.model.cuda import CudaRunner
+from numba_apr.model.quantize import quantize as numba_apr_quantize
 
 # The simulator runs every GPU thread as a Python thread: a whole forward pass, even of this tiny
 # model, takes minutes there (measured > 5 min for one architecture), too slow for CI. CI covers
@@ -112,7 +112,7 @@ def test_decode_inputs_quantized_by_either_side(rng, monkeypatch, qkv_k, ffn_k):
     reads it (QIN, bounds QIN_QKV_MAX_K / QIN_MAX_K) or by the tail of the product that wrote
     the residual stream (down / wo): every mix gives the CPU's logits (the default at this
     width, both QIN, is test_prompt_and_decode_match_cpu's)."""
-    import numba_apr.model_cuda as mc
+    import numba_apr.model.cuda as mc
     monkeypatch.setattr(mc, "QIN_QKV_MAX_K", qkv_k)
     monkeypatch.setattr(mc, "QIN_MAX_K", ffn_k)
     c = tiny_config("qwen2")

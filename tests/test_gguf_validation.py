@@ -13,7 +13,7 @@ from gguf import GGUFValueType as V
 
 import numba_apr
 from numba_apr.errors import NumbaAprError
-from numba_apr.gguf_file import GGUFFile
+from numba_apr.model.gguf_file import GGUFFile
 
 from conftest import ROOT
 from gguf_writer import TINY, set_key, tiny_structure, write_gguf

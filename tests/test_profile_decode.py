@@ -12,7 +12,7 @@ from test_matmul import rng  # noqa: F401  (fixture)
 
 from numba_apr._numba import cuda_jit
 from numba_apr.kernels.cuda import launch
-from numba_apr.model_cuda import CudaRunner, forward
+from numba_apr.model.cuda import CudaRunner, forward
 
 
 @cuda_jit

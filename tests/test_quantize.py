@@ -1,4 +1,4 @@
-"""The quantizers (numba_apr.quantize), llama.cpp's Q4_K_M recipe, and scripts/make_model.py.
+"""The quantizers (numba_apr.model.quantize), llama.cpp's Q4_K_M recipe, and scripts/make_model.py.
 
 Quantizers run on fresh random inputs every run (the seed is printed on failure); each output
 must decode the same through our decoder and gguf-py's, lie within the format's error of the
@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
 from conftest import ROOT, SHARED
-from numba_apr import quantize as qz
-from numba_apr import quants
+from numba_apr.model import quantize as qz
+from numba_apr.model import quants
 
 SEED = np.random.SeedSequence().entropy
 VOCAB = SHARED / "vocab" / "ggml-vocab-qwen2.gguf"
@@ -244,7 +244,7 @@ def tiny_model(make_model, tmp_path_factory):
 
 
 def test_tiny_model_file(make_model, tiny_model):
-    from numba_apr.gguf_file import GGUFFile
+    from numba_apr.model.gguf_file import GGUFFile
     g = GGUFFile(tiny_model)
     md = g.metadata
     assert md["general.architecture"] == "qwen2" and md["general.file_type"] == 15

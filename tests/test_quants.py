@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 
-from numba_apr import quants
+from numba_apr.model import quants
 from numba_apr.errors import NumbaAprError, UnsupportedError
 
 SEED = np.random.SeedSequence().entropy

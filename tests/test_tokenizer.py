@@ -1,4 +1,4 @@
-"""Tokenizer tests: numba_apr.tokenizer must agree with llama.cpp id for id.
+"""Tokenizer tests: numba_apr.text.tokenizer must agree with llama.cpp id for id.
 
 Sources of truth, all produced by llama.cpp (ggml 0.25.3):
 - its own tokenizer test vocabularies, ../shared/vocab/ggml-vocab-*.gguf with test-tokenizer-0's
@@ -25,8 +25,8 @@ import pytest
 
 from numba_apr.errors import NumbaAprError, UnsupportedError
 from conftest import SHARED, model_path
-from numba_apr.gguf_file import GGUFFile
-from numba_apr.tokenizer import Tokenizer
+from numba_apr.model.gguf_file import GGUFFile
+from numba_apr.text.tokenizer import Tokenizer
 
 VOCAB = SHARED / "vocab"
 GOLDEN = SHARED / "golden"

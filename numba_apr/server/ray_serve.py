@@ -132,8 +132,8 @@ def _model(model):
     from .. import packaged
     if model is None or (str(model) in packaged.PACKAGED and not Path(model).exists()):
         return model
-    from ..arch import build_config
-    from ..gguf_file import GGUFFile
+    from ..model.arch import build_config
+    from ..model.gguf_file import GGUFFile
     path = packaged.resolve(Path(model).expanduser()).resolve()
     build_config(GGUFFile(path))
     return str(path)

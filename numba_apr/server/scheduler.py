@@ -11,7 +11,7 @@ A `Scheduler` owns a model loaded with `n_seq` KV slots and runs on its own thre
     and penalties;
  4. streams the text out through each request's `sink`, and frees the slots of requests that
     ended (end of generation, stop string, max_tokens, full context) or were cancelled.
-Batching changes no token: every row is computed as if alone (model.forward_batch).
+Batching changes no token: every row is computed as if alone (model.cpu.forward_batch).
 """
 from __future__ import annotations
 

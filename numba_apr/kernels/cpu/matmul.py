@@ -1,4 +1,4 @@
-"""Matrix products and row lookups over raw GGUF weights (any type in `numba_apr.quants`).
+"""Matrix products and row lookups over raw GGUF weights (any type in `numba_apr.model.quants`).
 
 A weight matrix W has N rows (output features) of K columns (input features); GGUF stores it
 with gguf shape [K, N] as N raw rows of `row_bytes` bytes, which is what these kernels take:
@@ -26,7 +26,7 @@ import numba
 from numba import get_num_threads
 
 from ..._numba import jit, pjit, prange
-from ...quants import _f16, _nearest, _to_f16, decode_row, quant_type
+from ...model.quants import _f16, _nearest, _to_f16, decode_row, quant_type
 
 #: The smallest tile of weight rows (see `tile_rows`).
 TILE = 4

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..._numba import jit, pjit, prange
-from ...quants import _bits_f32, _to_f16
+from ...model.quants import _bits_f32, _to_f16
 
 GELU_C = math.sqrt(2.0 / math.pi)
 

@@ -11,7 +11,7 @@ spinning barrier (sync.py) wherever a stage reads what another thread wrote.
 The arithmetic is `forward`'s, through the same row kernels (ops.rmsnorm_row, rope_row,
 gated_span, attention.attend, matmul.quantize_blocks, qmatmul's group kernel), so the logits are
 the ones `forward` gives for T = 1. It serves models whose every matrix is repacked in one
-blob (packing.py) with one activation scheme per fused product; `DecodeStep.build` returns
+blob (model/packing.py) with one activation scheme per fused product; `DecodeStep.build` returns
 None otherwise and the caller keeps `forward`.
 
 The weights reach the compiled code as the blob and a table of int64 per matrix (offset,
@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from ..._numba import jit, pjit, prange
-from ...quants import decode_row
+from ...model.quants import decode_row
 from .attention import attend
 from .matmul import ACT_Q8_K, quantize_blocks
 from .ops import add_bias, gated_span, rmsnorm_row, rope_row, round_f16, scale

@@ -39,10 +39,8 @@ size that the registers allow, at most 8):
   lane = key for the scores, lane = dimension for p * V, as in decoding.
 
 Pass a workspace (`attention_workspace`, allocated once) for decoding: without it a token gets
-one block per (kv head, head group), fine for a few hundred positions only. Measured on an H100
-(graph replay, f16 cache): decoding at 32k positions 73 us (llama-8B shape, 32/8 heads of 128:
-1.8 TB/s of K/V), 30 us (qwen2.5-1.5B, 12/2), 21-31 us (smollm2-135M, gemma3-270m); 8-20 us at
-100-4000 positions; a 512-token prompt at position 0: 80-220 us (4-10 TFLOP/s on CUDA cores).
+one block per (kv head, head group), fine for a few hundred positions only. Timings:
+docs/experiments.md#decode-attention-timings.
 
 `attention_ref` is the float64 NumPy oracle of the tests.
 """
@@ -179,18 +177,10 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
     # flight at once), and the warp's V rows in batches of JB keys (NWV words a key a lane).
     # AHEAD (one query head a block, so registers to spare): a trip's whole K row (KB = DW) and
     # all its 32 keys' V words (JB = 32) are loaded at once, at the trip's top (the first trip's
-    # before q is staged): one memory round trip a trip rather than one per batch. Measured on an
-    # H100 (decode kernels replayed alone, position 64): 0.5B-shaped 4.7 -> 3.6 us, 1.5B 5.6 ->
-    # 5.1, 7B 5.7 -> 5.3; at position 200 (two splits and the merge) 0.5B 6.6 -> 5.8. Registers
-    # 48 -> 96 (D = 64), 66 -> 168 (D = 128), no spills.
-    # Tried and not kept: the first trip's rows of keys cached by earlier steps (< pos[0]) loaded
-    # before the wait, only the rows the kernel ahead writes after it. Predicted -8 to -14 us a
-    # 1.5B step (a DRAM round trip a layer becoming an L2 one); measured on an H100 (chained
-    # steps at position 64): 1,075 / 1,068 -> 1,072 / 1,065 us, then 1,067 / 1,073 -> 1,070 /
-    # 1,070: within the noise. The q load after the wait is the same round trip.
-    # Tried and not kept: a lane's score summed in 4 partial sums (its D multiply-adds are one
-    # dependent chain, ~0.3 us at D = 128). Predicted -3 to -6 us a 1.5B step; measured on an
-    # H100 (chained steps at position 64, one host): 922 / 925 -> 927 / 928 us.
+    # before q is staged): one memory round trip a trip rather than one per batch (0.5B-shaped
+    # 4.7 -> 3.6 us a layer: docs/experiments.md#a-trips-k-and-v-rows-at-once).
+    # Tried and not kept: cached keys loaded before the wait (docs/experiments.md#cached-keys-loaded-before-the-wait)
+    # Tried and not kept: a lane's score in 4 partial sums (docs/experiments.md#partial-score-sums)
     AHEAD = HB == 1
     KB = DW if AHEAD else 16           # 32+ left the word array in local memory (H100, D=128, HB=6)
     JB = 32 if AHEAD else 16 if NWV <= 2 else 8
@@ -224,13 +214,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
         if k0 < c1:
             load_v(vv, vw, k0, c1, vstride, kvh, lane)
 
-    # Tried and not kept: at short contexts, decode's blocks waiting for their own head's q, k and
-    # v rather than (grid_dep) for the whole Q/K/V product: counts the product raised as each
-    # warp stored its pair (a fence, then relaxed reds), polled here with relaxed loads and a
-    # fence after, K then read through L2. It would save the launch boundary (~1.4 us a layer,
-    # measured). Predicted 1.5B -15 to -25 us a step, 0.5B -12 to -20. Measured on an H100
-    # (chained steps at position 64, one host, twice each): 1.5B 932 -> 980 us, 0.5B 539 -> 563;
-    # with a release-red per count (a fence each: 6-7 a k / v warp) 1,018 and 615.
+    # Tried and not kept: decode waiting for its own head's q, k, v only (docs/experiments.md#waiting-for-the-own-head-only)
     @overlapped
     @cuda_jit
     def decode(out, po, ml, count, q, kw, vw, kstride, vstride, pos, rows, batched, group, n_hb, scale, window,
@@ -585,12 +569,7 @@ def attention(out, q, k_cache, v_cache, pos, T, n_head, n_head_kv, head_dim, hea
             # Enough splits for ~TARGET_BLOCKS blocks at full context (fewer kv heads, more
             # splits); at short contexts most of them exit at once (see _chunk).
             n_split = min(workspace[0].shape[1], max(1, -(-TARGET_BLOCKS // (n_head_kv * n_hb))))
-            # Tried and not kept: with `short`, at most SHORT_CTX / KEYS splits (a chunk is KEYS
-            # positions at least, so no split past them has keys; at generate.py's 4,096-position
-            # context the 1.5B launched 384 blocks a layer, 12 with keys at position 64).
-            # Predicted -11 to -14 us a step (~1.3 ns a block). Measured on an H100 (chained steps
-            # at position 64, n_ctx 4,096, one host, two runs each): 0.5B 580 / 582 -> 567 /
-            # 571 us, but 1.5B 1,143 / 1,146 -> 1,150 / 1,154, 7B 2,848 -> 2,844.
+            # Tried and not kept: fewer splits at short contexts (docs/experiments.md#fewer-splits-at-short-contexts)
             po, ml, count = workspace
         else:
             po, ml, count = _placeholders()

@@ -73,14 +73,14 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from numba_apr.errors import NumbaAprError
-from numba_apr.kernels.cuda.sampling_kernels import (  # noqa: F401  (re-exported: the layout, splitmix_uniform, key_host)
+from ...errors import NumbaAprError
+from .sampling_kernels import (  # noqa: F401  (re-exported: the layout, splitmix_uniform, key_host)
     ADAPT_K, BIN_SHIFT, C_BSTAR, C_DONE1, C_DONE2, C_HIST, C_NCAND, C_NKEPT, C_NREST, F_M,
     MAX_PER, MAX_THREADS, MAX_TILE, MODE_EXP, MODE_ONE, MODE_TEMP, MODE_W, N_CTL, N_PRM, N_ST, NBINS,
     P_LASTN, P_MINP, P_PEN, P_TEMP, P_TOPK, P_TOPP, P_U, R_SEED, R_STEP, RANK_MAX, RANK_PER, S_MAX,
     S_MIN, S_NFIN, S_TAU, SIM, SORT_CAP_MAX, _I64_MAX, _M64, _OPTS, _k_scan, _k_select, _kidx, _key,
     _kval, key_host, splitmix_uniform)
-from numba_apr.sampling import SamplingParams, resolve_seed
+from ...sampling import SamplingParams, resolve_seed
 
 
 # ---------------------------------------------------------------------------------------------------

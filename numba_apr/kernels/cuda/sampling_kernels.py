@@ -17,8 +17,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from numba_apr._numba import cuda_jit
-from numba_apr.kernels.cuda import ptx
+from ..._numba import cuda_jit
+from . import ptx
 
 SIM = ptx.SIM
 

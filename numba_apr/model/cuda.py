@@ -1,5 +1,5 @@
 """The transformer on an NVIDIA GPU: `DeviceWeights` (uploaded once), `DeviceState` (every buffer
-and the KV cache, allocated once), `forward` (the same steps as model.py's, through the fused
+and the KV cache, allocated once), `forward` (the same steps as model/cpu.py's, through the fused
 kernels of kernels/cuda/) and `CudaRunner`, which runs prompts eagerly and replays each decode
 step from one CUDA graph.
 
@@ -23,16 +23,16 @@ import numpy as np
 from numba import cuda
 
 from .arch import Config
-from ._numba import cuda_jit
-from .errors import NumbaAprError
-from .kernels.cuda import ptx
-from .kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
-from .kernels.cuda.launch import view_once
-from .kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
+from .._numba import cuda_jit
+from ..errors import NumbaAprError
+from ..kernels.cuda import ptx
+from ..kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
+from ..kernels.cuda.launch import view_once
+from ..kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table)
-from .kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
+from ..kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
                                    qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
-from .model import Weights
+from .cpu import Weights
 
 # Decode steps a graph replays. Between two graphs the GPU idles a few microseconds (the graph's
 # launch, the copy of the ids to the host); steps in one graph run back to back. Measured on an
@@ -299,10 +299,7 @@ def _cuda_core():
     return Device
 
 
-# Tried and not kept: this kernel, the embedding's and the sampler's launched with PDL (each
-# waiting at its top, as the products do), so that none of a step's 3 plain launches waits for
-# the kernel ahead to drain before it starts. Predicted -3 to -6 us a step; measured on an H100
-# (chained 1.5B steps at position 64, one host): 922 / 925 -> 925 / 925 us.
+# Tried and not kept: PDL for this kernel, the embedding's and the sampler's (docs/experiments.md#pdl-for-the-steps-plain-launches)
 @cuda_jit
 def _advance(pos, tokens, ring, j):
     """After the j-th step of a graph: its sampled id into ring[j], the position on by one."""
@@ -380,7 +377,7 @@ class CudaRunner:
 
     def evaluate(self, ids: np.ndarray, pos0: int, all_logits: np.ndarray | None = None,
                  host: bool = True) -> np.ndarray | None:
-        """The backend interface's (see model.CpuRunner): ids of sequence 0 at pos0..; the last
+        """The backend interface's (see model.cpu.CpuRunner): ids of sequence 0 at pos0..; the last
         logits [1, n_vocab] on the host, or every row's into all_logits; with host=False
         (a prompt chunk whose logits are not read), nothing comes back."""
         self.eval(ids, pos0, want_all=all_logits is not None)
@@ -567,7 +564,7 @@ class CudaStepper:
     (CudaRunner.decode_sample)."""
 
     def __init__(self, model, params):
-        from .kernels.cuda.sampling import DeviceSampler
+        from ..kernels.cuda.sampling import DeviceSampler
         self.model, self.runner = model, model.runner
         self.sampler = DeviceSampler(model.config.n_vocab, params, model.n_ctx)
 

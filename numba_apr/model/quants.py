@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ._numba import jit, pjit, prange
-from .errors import UnsupportedError
+from .._numba import jit, pjit, prange
+from ..errors import UnsupportedError
 
 
 @dataclass(frozen=True)

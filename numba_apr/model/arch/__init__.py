@@ -2,7 +2,7 @@
 
 A builder says what differs (RoPE style, activation, which optional tensors a layer has, the
 per-layer attention window and RoPE base); everything it does not say comes from the shared
-reading of `tables.HPARAM_KEYS`. The forward pass (model.py) reads only the `Config`, so adding
+reading of `tables.HPARAM_KEYS`. The forward pass (model/cpu.py) reads only the `Config`, so adding
 an architecture means adding one builder here and registering it in `ARCHITECTURES`.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import NumbaAprError, UnsupportedError
+from ...errors import NumbaAprError, UnsupportedError
 from . import tables
 
 

@@ -1,7 +1,7 @@
 """Quantizers: float32 rows -> raw GGUF tensor bytes, and llama.cpp's Q4_K_M type recipe.
 
 `quantize(x, qtype)` turns a float32 matrix [rows, cols] into the raw uint8 rows
-[rows, row_bytes] that GGUF stores (the layout `numba_apr.quants` decodes), for F32, F16, Q8_0,
+[rows, row_bytes] that GGUF stores (the layout `numba_apr.model.quants` decodes), for F32, F16, Q8_0,
 Q5_0, Q4_K and Q6_K: the types llama.cpp's Q4_K_M mixture uses. `quantize_into` writes into a
 caller's buffer, so a model writer can stream a big tensor through one reused buffer.
 
@@ -37,7 +37,7 @@ import re
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ._numba import jit, pjit, prange
+from .._numba import jit, pjit, prange
 from .quants import _half as _half_value, _half_bits, _nearest
 
 _Q = GGMLQuantizationType

@@ -28,7 +28,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import NumbaAprError
+from ..errors import NumbaAprError
 
 __all__ = ["render_chat", "render_chatml"]
 

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from .gguf_file import GGUFFile, Tensor
-from .kernels.cpu.checksum import checksum
-from .kernels.cpu.isa import LEVEL
-from .kernels.cpu.qmatmul import GROUP, LAYOUT_VERSION, PackedMatrix, packable, repack
-from .model import Weights
-from .packaged import cache_dir
+from ..kernels.cpu.checksum import checksum
+from ..kernels.cpu.isa import LEVEL
+from ..kernels.cpu.qmatmul import GROUP, LAYOUT_VERSION, PackedMatrix, packable, repack
+from .cpu import Weights
+from ..packaged import cache_dir
 
 ALIGN = 4096  # each matrix starts on a page: its pages can be dropped on their own
 PAGE = mmap.PAGESIZE

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import NumbaAprError
+from ..errors import NumbaAprError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -1,5 +1,5 @@
 """The transformer: `Weights` (views into the memory-mapped GGUF, or the repacked matrices of
-packing.py), `RunState` (every buffer, allocated once) and `forward`, which reads top to bottom
+model/packing.py), `RunState` (every buffer, allocated once) and `forward`, which reads top to bottom
 like the paper.
 
 `forward` evaluates a batch of tokens at consecutive positions of one sequence: the whole prompt
@@ -21,12 +21,12 @@ from numba import get_num_threads
 
 from . import quants
 from .arch import Config, tables
-from .errors import NumbaAprError
+from ..errors import NumbaAprError
 from .gguf_file import GGUFFile, Tensor
-from .kernels.cpu import ops
-from .kernels.cpu.attention import attention_batch, scores_buffer, store_kv
-from .kernels.cpu.matmul import ActScratch, get_rows, matmul
-from .kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul_unchecked
+from ..kernels.cpu import ops
+from ..kernels.cpu.attention import attention_batch, scores_buffer, store_kv
+from ..kernels.cpu.matmul import ActScratch, get_rows, matmul
+from ..kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul_unchecked
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Weights:
     output_norm: np.ndarray        # [n_embd]
     output: Tensor                 # [n_vocab, n_embd]; token_embd itself when the embeddings are tied
     layers: list[LayerWeights]
-    blob: np.ndarray | None = None  # the repacked matrices' one buffer (packing.py), when repacked
+    blob: np.ndarray | None = None  # the repacked matrices' one buffer (model/packing.py), when repacked
 
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -242,7 +242,7 @@ class CpuRunner:
     decode step (kernels/cpu/step.py)."""
 
     def __init__(self, c: Config, w: Weights, n_ctx: int, n_batch: int, n_seq: int = 1, fused_step: bool = True):
-        from .kernels.cpu.step import DecodeStep
+        from ..kernels.cpu.step import DecodeStep
         self.c, self.w = c, w
         self.state = RunState(c, n_ctx, n_batch, n_seq)
         self.n_batch = n_batch
@@ -275,5 +275,5 @@ class CpuRunner:
 
     def stepper(self, model, params):
         """Logits on the host, sampled by the CPU Sampler."""
-        from .generate import HostStepper
+        from ..generate import HostStepper
         return HostStepper(model, params)

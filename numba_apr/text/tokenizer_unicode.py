@@ -5,7 +5,7 @@ general categories of Unicode 15.1. Python's `unicodedata` (14.0 on Python 3.11)
 package's \\p{L}/\\p{N} (a newer Unicode) disagree with them on thousands of code points, so a
 pre-tokenizer built on either would split some rare scripts differently from llama.cpp. The
 ranges below are therefore spelled out: code points whose Unicode 15.1 general category is
-L* (letter), N* (number) and P* (punctuation). `python -m numba_apr.tokenizer_unicode`, with
+L* (letter), N* (number) and P* (punctuation). `python -m numba_apr.text.tokenizer_unicode`, with
 `unicodedata2==15.1.0` importable, prints them again from the Unicode database itself.
 
 Whitespace is the Unicode White_Space property (llama.cpp's `unicode_set_whitespace`): note it

@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import NumbaAprError, UnsupportedError
+from ..errors import NumbaAprError, UnsupportedError
 from .tokenizer_bpe import PRE_TOKENIZERS, UNICODE_TO_BYTE, BPEModel
 from .tokenizer_spm import SPMModel
 
@@ -95,7 +95,7 @@ _C_ISSPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale: what LSTRIP/RSTRIP 
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF metadata access (over numba_apr.gguf_file.GGUFFile's parsed `metadata`)
+# GGUF metadata access (over numba_apr.model.gguf_file.GGUFFile's parsed `metadata`)
 # ---------------------------------------------------------------------------------------------
 def _bpe_pre(name):
     """The pre-tokenizer of a `tokenizer.ggml.pre` value (missing: llama.cpp's "default")."""
@@ -156,7 +156,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf_file) -> "Tokenizer":
-        """From a parsed `numba_apr.gguf_file.GGUFFile`, every tokenizer key checked first for its
+        """From a parsed `numba_apr.model.gguf_file.GGUFFile`, every tokenizer key checked first for its
         type, the arrays for their lengths and the special token ids for the vocabulary's range."""
         g = gguf_file
         n = len(g.get_array(_KEY + "tokens", "str", ()))
