@@ -83,18 +83,23 @@ def round_once(base, n, n_gen, limit):
     return sum(t for _, t in res) / wall, statistics.median(f for f, _ in res)
 
 
+def rounds(name, round_, streams, n_gen, reps):
+    """{streams: (median tok/s, median first-token seconds)} of round_(n, tokens) at each n."""
+    round_(1, 8)  # warm-up
+    out = {}
+    for n in streams:
+        round_(n, 8)  # a first round of n: whatever this batch size compiles or captures
+        res = [round_(n, n_gen) for _ in range(reps)]
+        out[n] = (statistics.median(r[0] for r in res), statistics.median(r[1] for r in res))
+        print(f"  {name:10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",
+              file=sys.stderr, flush=True)
+    return out
+
+
 def measure(name, cmd, base, streams, n_gen, reps, limit):
     proc = start(cmd, base)
     try:
-        round_once(base, 1, 8, limit)  # warm-up
-        out = {}
-        for n in streams:
-            round_once(base, n, 8, limit)  # a first round of n: whatever this batch size compiles or captures
-            rounds = [round_once(base, n, n_gen, limit) for _ in range(reps)]
-            out[n] = (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
-            print(f"  {name:10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",
-                  file=sys.stderr, flush=True)
-        return out
+        return rounds(name, lambda n, gen: round_once(base, n, gen, limit), streams, n_gen, reps)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -128,15 +133,7 @@ def engine(path, device, threads, n_ctx_slot, streams, n_gen, reps):
         return sum(counts) / (time.perf_counter() - t0), statistics.median(firsts)
 
     try:
-        round_(1, 8)
-        out = {}
-        for n in streams:
-            round_(n, 8)
-            rounds = [round_(n, n_gen) for _ in range(reps)]
-            out[n] = (statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
-            print(f"  {'engine':10s} {n} streams: {out[n][0]:7.1f} tok/s, first token {out[n][1] * 1e3:6.0f} ms",
-                  file=sys.stderr, flush=True)
-        return out
+        return rounds("engine", round_, streams, n_gen, reps)
     finally:
         sched.close()
 

@@ -9,20 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from numba import config, cuda
+from test_cuda_attention import SEED, rng  # noqa: F401  (fixture; skips this module where that one is)
 
 from numba_apr.kernels.cuda import ops
 from numba_apr.kernels.cuda.attention import attention, attention_ref, attention_workspace
-
-if not (config.ENABLE_CUDASIM or cuda.is_available()):
-    pytest.skip("no CUDA GPU and the simulator is off (NUMBA_ENABLE_CUDASIM=0)", allow_module_level=True)
-
-SEED = np.random.SeedSequence().entropy
-
-
-@pytest.fixture
-def rng():
-    print("seed", SEED)
-    return np.random.default_rng(SEED)
 
 
 def test_rope_kv_several_sequences(rng):
