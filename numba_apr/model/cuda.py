@@ -34,11 +34,10 @@ from ..kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPO
                                    qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
 from .cpu import Weights
 
-# Decode steps a graph replays. Between two graphs the GPU idles a few microseconds (the graph's
-# launch, the copy of the ids to the host); steps in one graph run back to back. Measured on an
-# H100 (greedy, tg128, one host): 0.5B 1680 / 1696 / 1702 / 1706 tok/s at 1 / 2 / 4 / 8 steps,
-# 1.5B 785 / 789 / 790 / 792. A caller that stops (end of text) has had up to DECODE_STEPS - 1
-# steps computed for nothing: ~4 ms on a 0.5B, ~25 ms on a 7B.
+# Decode steps a graph replays: between two graphs the GPU idles a few microseconds (the graph's
+# launch, the copy of the ids to the host), steps in one graph run back to back (1 -> 8 steps:
+# +1.5% tok/s, docs/experiments.md#steps-a-graph). A caller that stops (end of text) has had up to
+# DECODE_STEPS - 1 steps computed for nothing: ~4 ms on a 0.5B, ~25 ms on a 7B.
 DECODE_STEPS = 8
 
 
