@@ -12,6 +12,8 @@ Every configuration has the same slots (-np) per process. Load: `--streams` clie
 one streaming /v1/completions request at once (greedy, ignore_eos, -n tokens): the aggregate is
 all streams' tokens over the round's wall time. Time to first token: one stream alone, 16
 tokens, `--ttft-rounds` times. Printed: median and range over the rounds, and the CPU.
+Also printed per configuration: where the CPU time went during the aggregate rounds, by process
+(from /proc: Ray's workers name themselves `ray::ServeReplica...`, `ray::ProxyActor`, ...).
 Every request has a time limit; the Ray cluster is shut down at the end.
 """
 from __future__ import annotations
@@ -29,9 +31,37 @@ sys.path.insert(0, ROOT)
 from bench_serve import free_port, round_once, start  # noqa: E402
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process's descendants, summed by process name."""
+    stats, children = {}, {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        stats[int(d)] = (name, (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK"))
+        children.setdefault(int(rest[1]), []).append(int(d))
+    out, todo = {}, [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            name = stats[pid][0]
+            name = "ray::ServeReplica" if name.startswith("ray::ServeRepl") else name
+            out[name] = out.get(name, 0.0) + stats[pid][1]
+            todo.append(pid)
+    return out
+
+
 def rounds(base, streams, n_gen, reps, ttft_reps, limit):
-    round_once(base, 1, 8, limit)  # warm-up (the replicas warmed up their kernels already)
+    round_once(base, 1, 8, limit)  # warm-up, then a first round at the batch size measured
+    round_once(base, streams, 8, limit)
+    before, t0 = cpu_seconds(), time.perf_counter()
     tps = [round_once(base, streams, n_gen, limit)[0] for _ in range(reps)]
+    wall, after = time.perf_counter() - t0, cpu_seconds()
+    used = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)
+    print(f"    CPU during the {reps} aggregate rounds ({wall:.1f} s wall, {os.cpu_count()} cores): " +
+          ", ".join(f"{k} {v:.1f} s" for v, k in used if v >= 0.05 * wall), file=sys.stderr, flush=True)
     ttft = [round_once(base, 1, 16, limit)[1] for _ in range(ttft_reps)]
     return tps, ttft
 

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -28,12 +29,21 @@ import openai
 import pytest
 import ray
 import yaml
-from ray import serve
-
 from conftest import ROOT, SHARED  # noqa: E402
+
+with warnings.catch_warnings():  # Ray Serve's pydantic models warn on import; not ours to fix
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ray import serve
+
 from numba_apr.errors import NumbaAprError
-from numba_apr.serve import APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER, TRIES_HEADER, ReplicaFailover
-from numba_apr.server.ray_serve import deployment_options, options
+from numba_apr.serve import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    REPLICA_HEADER,
+    TRIES_HEADER,
+    ReplicaFailover,
+)
+from numba_apr.server.ray_serve import build_app, deployment_options, options
 
 TINY = SHARED / "models" / "tiny-qwen2-q4km.gguf"
 LIMIT = 60          # seconds for any one request
@@ -83,6 +93,8 @@ def test_deployment_options():
     assert "num_replicas" not in auto and auto["max_ongoing_requests"] == 4
     gpu = deployment_options(options({"model": str(TINY), "device": "cuda", "parallel": 1}))
     assert gpu["ray_actor_options"]["num_gpus"] == 1
+    for args in ({"replicas": 2}, {"min_replicas": 1, "max_replicas": 3}, {"max_replicas": "2"}):
+        assert isinstance(build_app({"model": str(TINY), **args}), serve.Application)
 
 
 def test_cli_errors_are_one_line():
@@ -92,6 +104,15 @@ def test_cli_errors_are_one_line():
         r = _cli(*flags)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_capacity_check():
+    from numba_apr.server.ray_serve import _capacity
+    two = [{"Resources": {"CPU": 2.0}}]
+    assert _capacity(options({"model": str(TINY), "replicas": 2}), two) == (None, None)
+    assert "hold 2 of the 3 replicas" in _capacity(options({"model": str(TINY), "replicas": 3}), two)[1]
+    assert "no node of the cluster has 4 CPUs" in _capacity(options({"model": str(TINY), "threads": 4}), two)[0]
+    assert "and a GPU" in _capacity(options({"model": str(TINY), "device": "cuda", "parallel": 1}), two)[0]
 
 
 def test_serve_config_file():
@@ -328,6 +349,12 @@ def _whole(base, prompt=PROMPT, n=24, on_start=None):
         return "lost", f"{type(e).__name__}: {e}"
 
 
+def test_cli_refuses_what_the_cluster_cannot_hold(cluster):
+    r = _cli("--address", cluster.address_info["gcs_address"], "-m", str(TINY), "-t", "4")
+    assert r.returncode == 1 and r.stderr.startswith("error: no node of the cluster has 4 CPUs"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_requests_spread_over_both_replicas(app):
     """8 at once against 2 replicas of 2 slots (max_ongoing_requests 2): both serve, and a
     prompt gets the same greedy text whichever replica answers."""
@@ -403,13 +430,13 @@ def test_replica_killed_during_load(app):
     answered in full (the text of the request alone) or refused with an error message; none
     lost; the other replica's requests untouched; Serve starts a replacement within BACK_WITHIN."""
     base = app["base"]
-    n = 96
+    n = 128
     alone = {"sse": _complete(base, n=n)[0], "whole": _complete(base, n=n)[0],
              "ndjson": httpx.post(base + "/api/generate", json={"prompt": PROMPT, "raw": True, "stream": False,
                                                                 "options": {"temperature": 0, "num_predict": n}},
                                   timeout=LIMIT).json()["response"]}
     started, on, tries = [], {}, {}  # SSE replicas as streams start; each request's replica and tries
-    kinds = ["sse"] * 6 + ["ndjson"] * 3 + ["whole"] * 3
+    kinds = ["whole"] * 3 + ["sse"] * 6 + ["ndjson"] * 3  # the whole ones first: one on each replica
 
     def call(i, kind):
         def seen(headers):
@@ -418,12 +445,14 @@ def test_replica_killed_during_load(app):
                 started.append(on[i])
         return {"sse": _sse, "ndjson": _ndjson, "whole": _whole}[kind](base, n=n, on_start=seen)
     with cf.ThreadPoolExecutor(len(kinds)) as ex:
-        futures = [ex.submit(call, i, k) for i, k in enumerate(kinds)]
+        futures = [ex.submit(call, i, k) for i, k in enumerate(kinds[:3])]
+        time.sleep(0.3)  # (so the victim most likely holds one, still generating: it is sent again)
+        futures += [ex.submit(call, i + 3, k) for i, k in enumerate(kinds[3:])]
         deadline = time.time() + LIMIT
         while not started and time.time() < deadline:
             time.sleep(0.05)
         assert started, "no stream started"
-        time.sleep(0.5)  # a few tokens in
+        time.sleep(0.2)  # a few tokens in
         victim = started[0]
         killed_at = time.time()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)

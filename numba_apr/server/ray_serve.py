@@ -216,7 +216,11 @@ def deployment_options(a: dict) -> dict:
 def build_app(args: dict | None = None) -> serve.Application:
     """The application: `serve run numba_apr.serve:build_app model=PATH parallel=4`, a config
     file's `import_path: numba_apr.serve:build_app` with `args:`, or `--ray`."""
-    a = options(args)
+    return _build(options(args))
+
+
+def _build(a: dict) -> serve.Application:
+    """build_app for arguments options() has checked."""
     dep = serve.deployment(**deployment_options(a))(Replica)
     return dep.bind(a["model"], a["ctx_size"], a["parallel"], a["threads"], a["device"], a["api_key"],
                     a["metrics"], a["alias"])
@@ -390,6 +394,14 @@ def main(argv=None) -> int:
     except NumbaAprError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        return _run(a, args)
+    except KeyboardInterrupt:  # while joining the cluster
+        print("", file=sys.stderr)
+        return 130
+
+
+def _run(a: argparse.Namespace, args: dict) -> int:
     import logging
 
     import ray
@@ -410,15 +422,40 @@ def main(argv=None) -> int:
             ray.init(include_dashboard=False, **init)  # a cluster of this machine, for this command's lifetime
             started_here = True
     except Exception as e:  # a wrong address, a version mismatch: one line, no traceback
+        # Ray sends its cluster token to an address given explicitly only if told to.
+        hint = (" (if the cluster requires Ray's token: RAY_AUTH_MODE=token, with the token in RAY_AUTH_TOKEN "
+                "or ~/.ray/auth_token)" if address and "RAY_AUTH_MODE" not in os.environ else "")
         print(f"error: cannot join the Ray cluster{' at ' + address if address else ''}: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}", file=sys.stderr)
         return 1
-    try:
-        serve.start(http_options={"host": a.host, "port": a.port})
-        t0 = time.perf_counter()
-        serve.run(build_app(args), name=a.app_name, route_prefix="/", blocking=False)
-    except Exception as e:
-        print(f"error: the application did not start: {_first_line(e)}", file=sys.stderr)
+    problem, note = _capacity(args, [n for n in ray.nodes() if n.get("Alive")])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        _stop(None, started_here)
+        return 1
+    if note:
+        print(f"numba_apr: {note}", file=sys.stderr, flush=True)
+    # Ctrl-C / SIGTERM only set a flag, from now on: the deployment runs on a thread of its own,
+    # so that a Ctrl-C while Serve waits (for replicas to load, or for resources) still stops it.
+    stop, deployed, failed = threading.Event(), threading.Event(), []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def deploy():
+        try:
+            serve.start(http_options={"host": a.host, "port": a.port})
+            serve.run(_build(args), name=a.app_name, route_prefix="/", blocking=False)
+        except Exception as e:
+            failed.append(e)
+        finally:
+            deployed.set()
+    t0 = time.perf_counter()
+    threading.Thread(target=deploy, name="numba_apr-deploy", daemon=True).start()
+    while not deployed.wait(0.5) and not stop.is_set():
+        pass
+    if failed or not deployed.is_set():
+        why = _first_line(failed[0]) if failed else "interrupted"
+        print(f"error: the application did not start: {why}", file=sys.stderr)
         _stop(a.app_name, started_here)
         return 1
     scale = (f"{args['min_replicas']}-{args['max_replicas']} replicas" if args["min_replicas"] is not None
@@ -429,14 +466,27 @@ def main(argv=None) -> int:
     if a.detach:
         print(f"numba_apr: running detached; stop it with `serve delete {a.app_name}`", file=sys.stderr)
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     _stop(a.app_name, started_here)
     print("numba_apr: stopped; every replica freed", file=sys.stderr)
     return 0
+
+
+def _capacity(args: dict, nodes: list[dict]) -> tuple[str | None, str | None]:
+    """(an error, a note) on whether the cluster's nodes hold the replicas asked for: Serve
+    would otherwise wait, silently and for ever, for resources that are not there."""
+    cpus, gpus = args["num_cpus"], 1 if args["device"] == "cuda" else 0
+    per_node = [min(int(n["Resources"].get("CPU", 0) // cpus) if cpus else 1 << 20,
+                    int(n["Resources"].get("GPU", 0) // gpus) if gpus else 1 << 20) for n in nodes]
+    fits, want = sum(per_node), args["min_replicas"] if args["min_replicas"] is not None else args["replicas"]
+    need = f"{cpus:g} CPU{'s' if cpus != 1 else ''}" + (" and a GPU" if gpus else "")
+    if fits == 0 and want > 0:
+        return (f"no node of the cluster has {need} for a replica (lower -t / --num-cpus, or add nodes)", None)
+    if fits < want:
+        return None, (f"the cluster's nodes hold {fits} of the {want} replicas of {need} asked for; Serve starts "
+                      "the others when resources free up (Ctrl-C to give up)")
+    return None, None
 
 
 def _reachable(address: str | None) -> None:
@@ -459,14 +509,17 @@ def _first_line(e: BaseException) -> str:
     return (lines[-1] if len(lines) > 1 else lines[0]) if lines else type(e).__name__
 
 
-def _stop(app_name: str, started_here: bool) -> None:
+def _stop(app_name: str | None, started_here: bool) -> None:
     """Delete the application (its replicas stop, their requests ending first) and, where this
     command started the cluster, Serve and the cluster too."""
     import ray
     try:
-        serve.delete(app_name)
+        if app_name:
+            serve.delete(app_name)
         if started_here:
             serve.shutdown()
+    except Exception as e:  # e.g. interrupted before Serve was up: nothing of ours to delete
+        print(f"numba_apr: while stopping: {_first_line(e)}", file=sys.stderr)
     finally:
         if started_here:
             ray.shutdown()
