@@ -49,6 +49,9 @@ class Model:
             raise NumbaAprError(f"n_seq must be an integer from 1 to 256, got {n_seq!r}")
         self.n_seq = n_seq
         set_threads(threads)
+        # Numba's thread count is per calling thread: a thread that evaluates for this model
+        # (the server's scheduler) sets it to this (the decode step is built for it).
+        self.threads = numba.get_num_threads()
         t0 = time.perf_counter()
         progress(0.0, "reading GGUF")
         self.path = str(path)

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 
 from ..errors import NumbaAprError
@@ -118,6 +119,7 @@ class Scheduler:
 
     # -- the scheduler's thread ----------------------------------------------------------------
     def _loop(self) -> None:
+        numba.set_num_threads(getattr(self.model, "threads", numba.get_num_threads()))  # per thread: -t
         while True:
             with self.cv:
                 while not self._stop and not self.waiting and not any(self.running):
