@@ -3,7 +3,7 @@
 One cluster for the module (head node only, 2 CPUs), one application deployed onto it through
 `numba-apr serve --ray --address ...` (two CPU replicas of the tiny model, one thread and two
 slots each), reached through Serve's HTTP proxy on 127.0.0.1: requests spread over both replicas,
-concurrent SSE and NDJSON streams all complete with the text a request gets alone, the official
+concurrent SSE and NDJSON streams all complete with the text a replica gives that request, the official
 `openai` client, the app's errors (and the proxy's, rewritten to the same JSON), one replica's
 actor killed during a load run (every request answered or refused with an error, none lost; the
 replica back within a bound), and stopping the application freeing every replica; last, the
@@ -48,7 +48,10 @@ from numba_apr.server.ray_serve import build_app, deployment_options, options
 TINY = SHARED / "models" / "tiny-qwen2-q4km.gguf"
 LIMIT = 60          # seconds for any one request
 BACK_WITHIN = 60    # seconds for Serve to replace a killed replica
-PROMPT = "Once upon a time"
+# The tiny model's greedy path from "Hi" keeps its top two logits >= 0.03 apart for 128 tokens
+# ("Once upon a time": 0.004 at token 43), far above the 1e-6..1e-2 by which a kernel compiled in
+# the process and the same loaded from Numba's cache can differ (see _references).
+PROMPT = "Hi"
 
 
 def _free_port():
@@ -355,32 +358,48 @@ def test_cli_refuses_what_the_cluster_cannot_hold(cluster):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def _references(base, n):
+    """What the replicas answer for PROMPT, greedy, n tokens: {kind: set of texts}, from 4 requests
+    at once per API (2 slots x 2 replicas: both answer). The replicas are separate processes, and
+    a kernel compiled in a process and the same loaded from Numba's cache give logits that differ
+    in the last bits (measured with a cold cache: up to 0.008 in a log-probability within 40
+    tokens of 'Once upon a time', which then turns to '衅' at token 44 in one process and 45 in
+    the other; about 5e-7 from PROMPT): so a stream is checked against what the replicas give."""
+    def completion(_):
+        return _complete(base, n=n)[0]
+
+    def ollama(_):
+        return httpx.post(base + "/api/generate", json={"prompt": PROMPT, "raw": True, "stream": False,
+                                                        "options": {"temperature": 0, "num_predict": n}},
+                          timeout=LIMIT).json()["response"]
+    with cf.ThreadPoolExecutor(4) as ex:
+        texts = set(ex.map(completion, range(4), timeout=4 * LIMIT))
+        ollama_texts = set(ex.map(ollama, range(4), timeout=4 * LIMIT))
+    return {"sse": texts, "whole": texts, "ndjson": ollama_texts}
+
+
 def test_requests_spread_over_both_replicas(app):
-    """8 at once against 2 replicas of 2 slots (max_ongoing_requests 2): both serve, and a
-    prompt gets the same greedy text whichever replica answers."""
-    alone, _ = _complete(app["base"])
+    """8 at once against 2 replicas of 2 slots (max_ongoing_requests 2): both serve, and each
+    gives every request of the same prompt the same greedy text."""
     with cf.ThreadPoolExecutor(8) as ex:
         out = list(ex.map(lambda _: _complete(app["base"]), range(8), timeout=4 * LIMIT))
     names = {name for _, name in out}
     app["names"] |= names
     assert len(names) == 2 and all(name.startswith("SERVE_REPLICA::") for name in names)
-    assert all(text == alone for text, _ in out)
+    assert all(len({text for text, n in out if n == name}) == 1 for name in names)
 
 
 def test_concurrent_streams_all_complete(app):
     """12 streams at once (SSE and NDJSON through the proxy), more than the 4 slots: every one
-    ends complete, with the text of the same request made alone."""
+    ends complete, with the text a replica gives the same request made without streaming."""
     base = app["base"]
-    alone, _ = _complete(base, n=32)
-    ollama = httpx.post(base + "/api/generate", json={"prompt": PROMPT, "raw": True, "stream": False,
-                                                      "options": {"temperature": 0, "num_predict": 32}},
-                        timeout=LIMIT).json()["response"]
+    ref = _references(base, 32)
     with cf.ThreadPoolExecutor(12) as ex:
         sse = [ex.submit(_sse, base, n=32) for _ in range(8)]
         nd = [ex.submit(_ndjson, base, n=32) for _ in range(4)]
         results = [f.result(timeout=4 * LIMIT) for f in sse + nd]
     assert [r[0] for r in results] == ["answered"] * 12, results
-    assert all(r[1] == alone for r in results[:8]) and all(r[1] == ollama for r in results[8:])
+    assert all(r[1] in ref["sse"] for r in results[:8]) and all(r[1] in ref["ndjson"] for r in results[8:])
 
 
 def test_openai_client_through_the_proxy(app):
@@ -427,14 +446,11 @@ def test_full_queue_is_a_json_503(app):
 
 def test_replica_killed_during_load(app):
     """One replica's actor killed while 12 requests (SSE, NDJSON, whole) run and wait: each ends
-    answered in full (the text of the request alone) or refused with an error message; none
+    answered in full (the text a replica gives that request) or refused with an error message; none
     lost; the other replica's requests untouched; Serve starts a replacement within BACK_WITHIN."""
     base = app["base"]
     n = 128
-    alone = {"sse": _complete(base, n=n)[0], "whole": _complete(base, n=n)[0],
-             "ndjson": httpx.post(base + "/api/generate", json={"prompt": PROMPT, "raw": True, "stream": False,
-                                                                "options": {"temperature": 0, "num_predict": n}},
-                                  timeout=LIMIT).json()["response"]}
+    ref = _references(base, n)
     started, on, tries = [], {}, {}  # SSE replicas as streams start; each request's replica and tries
     kinds = ["whole"] * 3 + ["sse"] * 6 + ["ndjson"] * 3  # the whole ones first: one on each replica
 
@@ -461,9 +477,9 @@ def test_replica_killed_during_load(app):
     refused = [r[1] for r in results if r[0] == "refused"]
     lost = [r[1] for r in results if r[0] == "lost"]
     assert not lost, lost
-    wrong = [(k, on.get(i), tries.get(i), r[1], alone[k]) for i, (k, r) in enumerate(zip(kinds, results))
-             if r[0] == "answered" and r[1] != alone[k]]
-    assert not wrong, wrong  # answered means in full: the text of the request alone
+    wrong = [(k, on.get(i), tries.get(i), r[1], ref[k]) for i, (k, r) in enumerate(zip(kinds, results))
+             if r[0] == "answered" and r[1] not in ref[k]]
+    assert not wrong, wrong  # answered means in full: the text a replica gives that request
     assert all(isinstance(m, str) and m for m in refused)
     # The other replica's requests are untouched (a resent one was the victim's first).
     assert all(results[i][0] == "answered" for i, name in on.items() if name != victim)
