@@ -107,7 +107,7 @@ def main():
     results = {}
     for threads in sorted({1, cores}):
         port = free_port()
-        # NUMBA_NUM_THREADS too: the scheduler's thread would otherwise get Numba's default pool.
+        # NUMBA_NUM_THREADS too, as the replicas have it: no idle pool threads beside the -t ones.
         results[f"numba-apr serve -t {threads}"] = measure(
             f"numba-apr serve -t {threads}", [sys.executable, "-m", "numba_apr.server", *common, "-t", str(threads),
                                               "--port", str(port)],
