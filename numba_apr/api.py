@@ -128,12 +128,13 @@ class Model:
         return self._eval(self._one, pos)
 
     def _eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
-                    rows: np.ndarray) -> np.ndarray:
+                    rows: np.ndarray, argmax: np.ndarray | None = None, ids: np.ndarray | None = None) -> np.ndarray:
         """One forward pass over tokens of several sequences: token t at position positions[t]
         of the sequence in KV slot slots[t]. Returns the logits after the tokens `rows`
-        ([len(rows), n_vocab], a buffer the next call overwrites). The caller (the server's
-        scheduler) keeps each slot's tokens in order and within n_ctx."""
-        return self.runner.eval_batch(tokens, slots, positions, rows)
+        ([len(rows), n_vocab], a buffer the next call overwrites); where argmax[k], row k's
+        argmax goes to ids[k] instead (its logits row may be left unfilled). The caller (the
+        server's scheduler) keeps each slot's tokens in order and within n_ctx."""
+        return self.runner.eval_batch(tokens, slots, positions, rows, argmax, ids)
 
     def _history(self) -> np.ndarray:
         return self.tokens[:self.n_past]

@@ -77,6 +77,19 @@ def test_decode_attention_several_sequences(rng, window, short):
     np.testing.assert_allclose(got[:T], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED}")
 
 
+def test_rows_argmax_is_the_hosts_greedy_choice(rng):
+    """ops.rows_argmax (a greedy batch's ids from the device) against sampling._argmax: the
+    first index on ties, in rows longer than a block's threads."""
+    from numba_apr.sampling import _argmax
+    R, n = 3, 2500
+    x = rng.standard_normal((R, n)).astype(np.float32)
+    x[1, [700, 1900]] = x[1].max() + 1          # a tie: the first wins
+    x[2, 5] = np.float32(np.nan)                # NaN never wins
+    ids = cuda.device_array(R, np.int32)
+    ops.rows_argmax(cuda.to_device(x), ids, R, 0)
+    assert ids.copy_to_host().tolist() == [_argmax(x[i]) for i in range(R)], f"seed {SEED}"
+
+
 @pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_eval_batch_matches_each_sequence_alone(rng, arch):
@@ -107,9 +120,16 @@ def test_eval_batch_matches_each_sequence_alone(rng, arch):
             rows.append(len(tokens) - 1)
             who.append(q)
             n_past[q] += n
-        out = r.eval_batch(np.array(tokens, np.int32), np.array(slots), np.array(positions), np.array(rows))
+        greedy = np.arange(len(rows)) % 2 == 1      # every other row: its argmax only
+        got = np.full(len(rows), -1, np.int32)
+        out = r.eval_batch(np.array(tokens, np.int32), np.array(slots), np.array(positions), np.array(rows),
+                           greedy, got)
         for k, q in enumerate(who):
-            close(out[k], want[q][n_past[q] - 1])
+            ref = want[q][n_past[q] - 1]
+            if not greedy[k]:
+                close(out[k], ref)
+            elif np.sort(ref)[-1] - np.sort(ref)[-2] > 1e-3:   # (a clear winner: else either may win)
+                assert got[k] == np.argmax(ref)
 
     step([(0, 3), (1, 4), (2, 2)])           # prompt chunks of three slots in one call
     step([(1, 1)])                           # one sequence decoding: its slot's fused graph

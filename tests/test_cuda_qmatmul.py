@@ -56,23 +56,26 @@ def test_decode_product_every_type(rng, name):
     check(run_product(raw, name, K, x), qm.qmatmul_ref(raw, Q[name], K, x), K)
 
 
-@pytest.mark.parametrize("plan", [(1, 1, 1, False, 0), (2, 1, 1, True, 0)])
-def test_decode_rows_of_several_trips(rng, monkeypatch, plan):
+@pytest.mark.parametrize("plan,T", [((1, 1, 1, False, 0), 1), ((2, 1, 1, True, 0), 1), ((2, 2, 1, True, 0), 3),
+                                    ((1, 4, 1, False, 0), 2)])
+def test_decode_rows_of_several_trips(rng, monkeypatch, plan, T):
     """A row longer than a warp's first trip (80 units: 32 or 64 a trip, the last partial): the
-    first trip's units are loaded before the wait, the rest in the loop after it."""
+    first trip's units are loaded before the wait, the rest in the loop after it; rows split
+    over 2 or 4 warps, for one token or several (a batched decode step)."""
     monkeypatch.setattr(qm, "_plan", lambda n_units, rows, epi, nbytes: plan)
     K = 2560
     raw = case(rng, "Q4_K", 5, K)
-    x = rng.standard_normal((1, K)).astype(np.float32)
+    x = rng.standard_normal((T, K)).astype(np.float32)
     check(run_product(raw, "Q4_K", K, x), qm.qmatmul_ref(raw, Q.Q4_K, K, x), K)
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0"])
 def test_prompt_tile_bias_and_accumulate(rng, name):
-    """T > 1 goes through the NT-token tiles (a partial one too); bias and residual add."""
+    """1 < T < MMA_MIN_T goes through the decode kernel in groups of MAX_NT tokens (a partial one
+    too); bias and residual add."""
     K = 256 if name.endswith("_K") else 64
     raw = case(rng, name, 5, K)
-    T = qm.PREFILL_NT + 2
+    T = qm.MAX_NT + 2
     assert T < qm.MMA_MIN_T
     x = rng.standard_normal((T, K)).astype(np.float32)
     res = rng.standard_normal((T, 5)).astype(np.float32)

@@ -27,6 +27,7 @@ from ..kernels.cpu import ops
 from ..kernels.cpu.attention import attention_batch, scores_buffer, store_kv
 from ..kernels.cpu.matmul import ActScratch, get_rows, matmul
 from ..kernels.cpu.qmatmul import PackedMatrix, QScratch, qmatmul_unchecked
+from ..sampling import _argmax
 
 
 @dataclass
@@ -260,18 +261,23 @@ class CpuRunner:
         return forward(self.c, self.w, self.state, ids, pos0, all_logits)
 
     def eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
-                   rows: np.ndarray) -> np.ndarray:
+                   rows: np.ndarray, argmax: np.ndarray | None = None, ids: np.ndarray | None = None) -> np.ndarray:
         """Token t at position positions[t] of the sequence in KV slot slots[t]; returns the
-        logits after the tokens `rows` ([len(rows), n_vocab], a buffer the next call overwrites)."""
+        logits after the tokens `rows` ([len(rows), n_vocab], a buffer the next call overwrites),
+        and where argmax[k], row k's argmax in ids[k] (sampling's greedy choice)."""
         T = len(tokens)
+        out = None
         if T == 1 and self.step is not None:
             out = self.step(int(tokens[0]), int(positions[0]), int(slots[0]))
-            if out is not None:
-                return out
-        s = self.state
-        s.slot[:T], s.pos[:T] = slots, positions
-        return forward_batch(self.c, self.w, s, np.asarray(tokens, np.int32), s.slot[:T], s.pos[:T],
-                             np.asarray(rows, np.int64), s.logits[:len(rows)])
+        if out is None:
+            s = self.state
+            s.slot[:T], s.pos[:T] = slots, positions
+            out = forward_batch(self.c, self.w, s, np.asarray(tokens, np.int32), s.slot[:T], s.pos[:T],
+                                np.asarray(rows, np.int64), s.logits[:len(rows)])
+        if argmax is not None:
+            for k in np.flatnonzero(argmax):
+                ids[k] = _argmax(out[k])
+        return out
 
     def stepper(self, model, params):
         """Logits on the host, sampled by the CPU Sampler."""

@@ -29,10 +29,11 @@ from ..kernels.cuda import ptx
 from ..kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
 from ..kernels.cuda.launch import view_once
 from ..kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
-                               rmsnorm_add, rope_kv, rope_table)
+                               rmsnorm_add, rope_kv, rope_table, rows_argmax)
 from ..kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
                                    qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
 from .cpu import Weights
+from ..sampling import _argmax
 
 # Decode steps a graph replays: between two graphs the GPU idles a few microseconds (the graph's
 # launch, the copy of the ids to the host), steps in one graph run back to back (1 -> 8 steps:
@@ -166,6 +167,7 @@ class DeviceState:
         self.batch_inputs = Inputs(btok, bpos, brow, self.k_layer, self.v_layer,
                                    attention_workspace(n_ctx, c.n_head, c.head_dim_v, max_T=n_seq))
         self.blogits = cuda.device_array((n_seq, c.n_vocab), f32)
+        self.bids = cuda.device_array(n_seq, np.int32)             # ... and their argmaxes
         self.blogits_first = [self.blogits[:n] for n in range(n_seq + 1)]   # views made once
         self.blogits_row = [self.blogits[i:i + 1] for i in range(n_seq)]
 
@@ -357,6 +359,7 @@ class CudaRunner:
         host = cuda.pinned_array if not ptx.SIM else np.zeros
         self._binp = host((3, n_seq), np.int32)
         self._brows = host((n_seq, c.n_vocab), np.float32)   # the logits eval_batch returns
+        self._bids = host(n_seq, np.int32)                     # ... and the argmaxes
 
     # -- eager evaluation (prompts, and logits for callers that want them on the host) --------
     def _set_inputs(self, ids: np.ndarray, pos0: int):
@@ -498,11 +501,13 @@ class CudaRunner:
             self.bgraphs[key] = gb.end_building().complete()
 
     def eval_batch(self, tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray,
-                   rows: np.ndarray) -> np.ndarray:
+                   rows: np.ndarray, argmax: np.ndarray | None = None, ids: np.ndarray | None = None) -> np.ndarray:
         """One step over entries of several sequences (token t at position positions[t] of the
         sequence in KV slot slots[t]); returns the logits after each entry in `rows` (each the
         last of its sequence's run in the batch), [len(rows), n_vocab] in a host buffer the next
-        call overwrites.
+        call overwrites; where argmax[k], row k's argmax goes to ids[k] instead: decoding rows
+        take it from the device (ops.rows_argmax, in the step's graph), their logits not copied
+        (4.9 MB a step for 8 rows of a 151,936-token vocabulary).
 
         The runs of one token (decoding) go together through one decode step, replayed from the
         graph of the next batch size up (padding entries write the spare slot), or with one
@@ -536,23 +541,41 @@ class CudaRunner:
             if nd == 1:
                 slot = int(slots[ones[0]])
                 inp = s.slot_inputs(slot, batch=True)
-                self._graph(("slot", slot, short), lambda st: forward(c, self.w, s, 1, st, short=short, inp=inp))
+
+                def run(st):
+                    forward(c, self.w, s, 1, st, short=short, inp=inp)
+                    rows_argmax(s.logits, s.bids, 1, st)
+                self._graph(("slot", slot, short), run)
             else:
-                self._graph(("batch", B, short),
-                            lambda st: forward(c, self.w, s, B, st, short=short, inp=s.batch_inputs))
+                def run(st):
+                    forward(c, self.w, s, B, st, short=short, inp=s.batch_inputs)
+                    rows_argmax(s.blogits, s.bids, B, st)
+                self._graph(("batch", B, short), run)
             pairs = [(i, where[int(one)]) for i, one in enumerate(ones) if int(one) in where]
-            if nd > 1 and pairs == [(i, i) for i in range(nd)]:   # the scheduler's order: one copy
+            full = [(i, k) for i, k in pairs if argmax is None or not argmax[k]]
+            if any(argmax[k] for _, k in pairs) if argmax is not None else False:
+                s.bids.copy_to_host(self._bids, stream=stream)
+            if nd > 1 and full == [(i, i) for i in range(nd)]:   # the scheduler's order: one copy
                 s.blogits_first[nd].copy_to_host(out[:nd], stream=stream)
             else:
-                for i, k in pairs:
+                for i, k in full:
                     (s.logits if nd == 1 else s.blogits_row[i]).copy_to_host(out[k:k + 1], stream=stream)
+        prompt_rows = []
         for a, b in zip(starts[~single], ends[~single]):
             self._set_inputs(tokens[a:b], int(positions[a]))
             forward(c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
             k = where.get(int(b) - 1)
             if k is not None:
                 s.logits.copy_to_host(out[k:k + 1], stream=stream)
+                prompt_rows.append(k)
         stream.synchronize()
+        if argmax is not None:
+            for i, k in pairs if nd else ():
+                if argmax[k]:
+                    ids[k] = self._bids[i]
+            for k in prompt_rows:
+                if argmax[k]:
+                    ids[k] = _argmax(out[k])
         self._ahead = self._queued = self._done = None   # (single-sequence decoding starts afresh)
         return out
 

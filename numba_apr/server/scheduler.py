@@ -63,6 +63,14 @@ class Request:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @property
+    def greedy(self) -> bool:
+        """Whether its next token is the logits' argmax and nothing else is read of them (the
+        back-end may then hand over the id alone: see Scheduler._step)."""
+        p = self.params
+        return (p.temperature <= 0 and (p.repeat_penalty == 1 or p.repeat_last_n == 0)
+                and not self.frequency_penalty and not self.presence_penalty and self.top_logprobs < 0)
+
 
 class Scheduler:
     """Runs requests on `model` (loaded with n_seq slots) in batches, on a thread of its own."""
@@ -83,6 +91,8 @@ class Scheduler:
         self.stoppers: dict[int, _StopFilter] = {}
         self.batch = np.zeros((3, self.n_batch), np.int64)  # a step's slots, positions, rows asked for
         self.batch_tokens = np.zeros(self.n_batch, np.int32)
+        self.batch_greedy = np.zeros(self.n_batch, np.bool_)   # rows asked for whose argmax will do
+        self.batch_ids = np.zeros(self.n_batch, np.int32)      # ... and those argmaxes
         self.cv = threading.Condition()
         self.stats = dict(requests=0, prompt_tokens=0, prompt_tokens_reused=0, generated_tokens=0, steps=0,
                           busy_seconds=0.0)
@@ -199,7 +209,9 @@ class Scheduler:
         b = self.batch  # filled in place: no arrays allocated per step
         self.batch_tokens[:T] = tokens
         b[0, :T], b[1, :T], b[2, :R] = slots, pos, rows
-        logits = self.model._eval_batch(self.batch_tokens[:T], b[0, :T], b[1, :T], b[2, :R])
+        greedy, ids = self.batch_greedy[:R], self.batch_ids[:R]
+        greedy[:] = [r.greedy for r in owners]
+        logits = self.model._eval_batch(self.batch_tokens[:T], b[0, :T], b[1, :T], b[2, :R], greedy, ids)
         self.stats["steps"] += 1
         # Record what each slot now holds, then sample for the rows asked for.
         i = 0
@@ -215,9 +227,14 @@ class Scheduler:
                 del r.todo[:j - i]
             i = j
         for k, r in enumerate(owners):
-            self._sample(r, logits[k])
+            self._sample(r, logits[k], int(ids[k]) if greedy[k] else -1)
 
-    def _sample(self, r: Request, row: np.ndarray) -> None:
+    def _sample(self, r: Request, row: np.ndarray, token: int = -1) -> None:
+        """The request's next token: `token` where the back-end gave its argmax (a greedy
+        request's), else drawn from its logits `row` with its sampler."""
+        if token >= 0:
+            self._emit(r, token, {})
+            return
         recent = self.history[r.slot, :r.n_past]
         if r.frequency_penalty or r.presence_penalty:
             last = recent[-r.params.repeat_last_n:] if r.params.repeat_last_n > 0 else recent
@@ -232,6 +249,9 @@ class Scheduler:
         if r.top_logprobs >= 0:
             top = np.argsort(-lp)[:r.top_logprobs] if r.top_logprobs else []
             event.update(logprob=float(lp[token]), top=[(int(t), float(lp[t])) for t in top])
+        self._emit(r, token, event)
+
+    def _emit(self, r: Request, token: int, event: dict) -> None:
         if not r.t_first:
             r.t_first = time.perf_counter()
         if token in self.tok.eog_ids and not r.ignore_eos:

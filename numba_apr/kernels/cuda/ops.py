@@ -289,3 +289,41 @@ def _rmsnorm_add(x, y, w, eps, K):
 def rmsnorm_add(x, y, w, eps, T, stream):
     """x[:T] += rmsnorm(y[:T]) * w."""
     launch(_rmsnorm_add, T, BLOCK, stream, x, y, w, np.float32(eps), x.shape[1])
+
+
+ARGMAX_THREADS = 1024
+
+
+@cuda_jit
+def _rows_argmax(logits, ids):
+    """ids[r] = the index of row r's largest value, the first on ties (NaN never wins): the
+    host sampler's greedy choice (sampling._argmax). A block a row; the threads' bests meet in
+    a tree in shared memory (the simulator has no shuffles of integers)."""
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    n = logits.shape[1]
+    bv = np.float32(-np.inf)
+    bi = np.int32(n)
+    for i in range(tid, n, ARGMAX_THREADS):   # (each thread's first maximum)
+        v = logits[r, i]
+        if v > bv:
+            bv, bi = v, np.int32(i)
+    sv = cuda.shared.array(ARGMAX_THREADS, np.float32)
+    si = cuda.shared.array(ARGMAX_THREADS, np.int32)
+    sv[tid], si[tid] = bv, bi
+    cuda.syncthreads()
+    h = ARGMAX_THREADS // 2
+    while h > 0:
+        if tid < h:
+            ov, oi = sv[tid + h], si[tid + h]
+            if ov > sv[tid] or (ov == sv[tid] and oi < si[tid]):
+                sv[tid], si[tid] = ov, oi
+        cuda.syncthreads()
+        h //= 2
+    if tid == 0:
+        ids[r] = si[0] if si[0] < n else 0   # (a row of NaN only: 0, as the host's)
+
+
+def rows_argmax(logits, ids, R: int, stream):
+    """ids[:R] = the argmax of each of logits' first R rows (greedy decoding of a batch)."""
+    launch(_rows_argmax, R, ARGMAX_THREADS, stream, logits, ids)

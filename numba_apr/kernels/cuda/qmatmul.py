@@ -11,8 +11,9 @@ float64 oracle. The kernels live by what they serve:
   epilogues (store, quantize the next input, gated activation, RoPE and the KV-cache write);
 - qmatmul_head.py: decoding an output head (a vocabulary of rows, HEAD_ROWS or more);
 - qmatmul_mma.py: prompts (T >= MMA_MIN_T) on the int8 tensor cores;
-- here: small batches (1 < T < MMA_MIN_T: `_make_kernel`, NT = PREFILL_NT tokens a block, one
-  warp a row, so each weight is read once per NT tokens), F32 / F16 / BF16 matrices
+- qmatmul_decode.py also takes small batches (1 < T < MMA_MIN_T: a batched decode step, a short
+  prompt): up to MAX_NT tokens a block, each weight unit loaded once for all of them;
+- here: F32 / F16 / BF16 matrices
   (`_float_kernel`, on the float activations: llama.cpp does not quantize activations for them
   either), the kernel cache and the launches.
 
@@ -44,44 +45,13 @@ from . import ptx
 from .launch import launch
 # The kernels' modules; their names that callers use are re-exported from here.
 from .qmatmul_decode import (EPI_GATED, EPI_QUANT, EPI_ROPE, EPI_STORE, GATED_GROUP,  # noqa: F401
-                             GROUP_BLOCKS, LONG_ROW_UNITS, PREFETCH_BYTES, QIN_MAX_K, QIN_QKV_MAX_K,
+                             GROUP_BLOCKS, LONG_ROW_UNITS, MAX_NT, PREFETCH_BYTES, QIN_MAX_K, QIN_QKV_MAX_K,
                              SPLIT_ROWS, STAGE_MAX_K, STAGE_MIN_K, _env_int, _make_decode_kernel,
                              _out_group, _plan)
 from .qmatmul_head import HALF_MAX_UNITS, HEAD_ROWS, HEAD_RW, _head_plan, _make_head_kernel  # noqa: F401
 from .qmatmul_mma import MMA_K, MMA_MIN_T, MMA_NTILE, _make_mma_kernel, mma_tiles  # noqa: F401
 from .qmatrix import (FLOAT_TYPES, SUPPORTED, UNITS, WARPS, DeviceMatrix, _store, _unit_dot,  # noqa: F401
                       concat, upload)
-
-PREFILL_NT = 8       # tokens per block for small batches
-
-
-def _make_kernel(unit, NT):
-    """Small batches (1 < T < MMA_MIN_T): NT tokens a block, one warp a row."""
-    @cuda_jit(device=True)
-    def accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u, xq, xd, xs, t0, T):
-        l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r, u)
-        for i in range(NT):
-            t = min(t0 + i, T - 1)
-            acc[i] += _unit_dot(xq, xd, xs, t, l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1)
-
-    @cuda_jit
-    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
-        lane = cuda.threadIdx.x & 31
-        r = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
-        t0 = cuda.blockIdx.y * NT
-        acc = cuda.local.array(NT, np.float32)
-        for i in range(NT):
-            acc[i] = 0.0
-        rr = min(r, rows - 1)  # warps past the last row compute row rows-1 and store nothing
-        for u in range(lane, n_units, 32):
-            accumulate(acc, w, o_qh, o_sc, s_qs, s_qh, s_sc, rr, u, xq, xd, xs, t0, T)
-        for i in range(NT):
-            v = ptx.warp_sum(acc[i])
-            t = t0 + i
-            if lane == 0 and r < rows and t < T:
-                _store(out, bias, col + r, t, v, accumulate_out)
-    return kernel
-
 
 @cuda_jit
 def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
@@ -106,12 +76,12 @@ def _float_kernel(out, col, w, kind, K, rows, x, T, bias, accumulate):
 _KERNELS: dict = {}
 
 
-def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False,
+def _kernel(qtype: int, NT: int = 1, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False,
             x16=False):
-    """The product for a type: NT tokens a block on the CUDA cores, or on the tensor cores (tc),
-    or the decode kernel with epilogue `epi` and `plan` (see _plan) (and a second matrix's type;
-    qin: it quantizes its input itself; x16: its input has a scale per 16), or with epi "head"
-    the output head's, plan (UNROLL, LW)."""
+    """The product for a type: on the tensor cores (tc), or the decode kernel for NT tokens with
+    epilogue `epi` and `plan` (see _plan) (and a second matrix's type; qin: it quantizes its
+    input itself; x16: its input has a scale per 16), or with epi "head" the output head's,
+    plan (UNROLL, LW)."""
     key = (qtype, NT, tc, epi, plan, qtype2, qin, local, x16)
     k = _KERNELS.get(key)
     if k is None:
@@ -119,8 +89,8 @@ def _kernel(qtype: int, NT: int, tc: bool = False, epi=None, plan=None, qtype2=N
         k = _KERNELS[key] = (
             _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
             else _make_head_kernel(unit, *plan) if epi == "head"
-            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local, x16)
-            if epi is not None else _make_kernel(unit, NT))
+            else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local, x16,
+                                     NT))
     return k
 
 
@@ -142,24 +112,21 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
     n_units = m.K // 32
     if T == 1 and m.rows >= HEAD_ROWS:
         per_block = WARPS * HEAD_RW
-        launch(_kernel(m.qtype, 0, epi="head", plan=_head_plan(n_units)), -(-m.rows // per_block),
+        launch(_kernel(m.qtype, epi="head", plan=_head_plan(n_units)), -(-m.rows // per_block),
                32 * WARPS, stream, out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
                act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), bias, accumulate)
-        return
-    if T == 1:
-        _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act)
         return
     if T >= MMA_MIN_T:
         WR, WT = mma_tiles()
         grid = (-(-T // (8 * MMA_NTILE * WT)), -(-m.rows // (16 * WR)))
-        launch(_kernel(m.qtype, 0, tc=True), grid, 32 * WR * WT, stream,
+        launch(_kernel(m.qtype, tc=True), grid, 32 * WR * WT, stream,
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
-    k = _kernel(m.qtype, PREFILL_NT)
-    launch(k, (grid_x, (T + PREFILL_NT - 1) // PREFILL_NT), 32 * WARPS, stream,
-        out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
-        act.xq, act.xd, act.xs, T, bias, accumulate)
+    # One token, or a few (a batched decode step, a short prompt): the decode kernel, each
+    # weight unit loaded once for up to MAX_NT tokens
+    assert T == 1 or act.ss.shape[0] == 0, "a norm still to apply is one token's"
+    _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act, T=T)
 
 
 def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, eps=0.0, accumulate=True):
@@ -219,25 +186,29 @@ def _placeholders():
 
 
 def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, nw, dst, ss_out=None, rope=None,
-            m2=None):
-    """The decode kernel for n_out output rows (gated: n_out = half); m2: RoPE's second matrix."""
+            m2=None, T=1):
+    """The decode kernel for n_out output rows (gated: n_out = half) of T tokens (EPI_STORE: any
+    T, in launches of MAX_NT tokens a block row); m2: RoPE's second matrix."""
     qtype2 = None if m2 is None else m2.qtype
     plan = _plan(m.K // 32, n_out, epi, m.nbytes + (0 if m2 is None else m2.nbytes))
+    NT = min(T, MAX_NT)
     qin = act.nw is not None
     if qin:                       # the input staged in shared memory: quantized there (QIN)
         plan = plan[:4] + (m.K,)
+    elif NT > 1:                  # (the activations are NT rows: not staged)
+        plan = plan[:4] + (0,)
     _, KS, RW, _, _ = plan
     G = _out_group(epi)
     local = (KS == 1 and RW == 1 and not qin and n_out % G == 0
              and bool(GROUP_BLOCKS & {EPI_GATED: 1, EPI_QUANT: 2}.get(epi, 0)))
     rwb = G if local else WARPS                      # warps of rows a block (the kernel's RWB)
-    launch(_kernel(m.qtype, 0, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local, x16=act.x16),
-           -(-n_out // (rwb * RW)), 32 * rwb * KS, stream,
+    launch(_kernel(m.qtype, NT, epi=epi, plan=plan, qtype2=qtype2, qin=qin, local=local, x16=act.x16),
+           (-(-n_out // (rwb * RW)), -(-T // NT)), 32 * rwb * KS, stream,
         out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
         act.xq, act.xd, act.xs, act.ss, np.float32(act.eps), act.xf, act.empty if act.nw is None else act.nw,
         bias, accumulate, half, mode, nw,
         dst.xq8, dst.xd, dst.xs, dst.xf, act.empty if ss_out is None else ss_out, dst.count,
-        *(rope or _placeholders()[0] + _placeholders()[1]))
+        *(rope or _placeholders()[0] + _placeholders()[1]), T)
 
 
 # ---------------------------------------------------------------------------------------------

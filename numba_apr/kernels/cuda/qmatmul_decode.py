@@ -73,6 +73,11 @@ def _rope_pair(j, n_rot, hd, neox):
     return head * hd + 2 * i, head * hd + 2 * i + 1
 
 
+# Tokens a decode kernel takes at once (NT): a batched decode step's (up to 8 sequences) and a
+# short prompt's products; each weight unit is loaded once and dotted with each token's input.
+MAX_NT = 8
+
+
 def _env_int(name: str, default: int) -> int:
     """A tuning bound from the environment (set only to measure it)."""
     v = os.environ.get(name, str(default))
@@ -207,10 +212,12 @@ def _rms_scale(ss_in, eps, lane):
     return np.float32(1.0) / math.sqrt(s / np.float32(32 * ss_in.shape[0]) + eps)
 
 
-def _make_fetcher(unit, EPI, RW, unit_dot):
+def _make_fetcher(unit, EPI, RW, unit_dot, NT=1):
     """(fetch, dots): fetch loads unit u of the warp's rows (r, then r1 with two rows a warp,
     then their up rows where gated) into the register arrays qa / fa / ea from slot i0 on; dots
-    adds their products with the activations."""
+    adds their products with the activations (of NT tokens: rows tl[0 .. NT) of the input,
+    into acc[j + NA i] for token i)."""
+    NA = RW * (2 if EPI == EPI_GATED else 1)
     @cuda_jit(device=True, inline=True)
     def put(qa, fa, ea, i, v):
         qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = v[0], v[1], v[2], v[3]
@@ -229,19 +236,39 @@ def _make_fetcher(unit, EPI, RW, unit_dot):
                 put(qa, fa, ea, i0 + RW + 1, unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, r1 + half, u))
 
     @cuda_jit(device=True, inline=True)
-    def dot1(acc, j, qa, fa, ea, i, keep, xq, xd, xs):
-        acc[j] += keep * unit_dot(xq, xd, xs, 0, qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3], qa[i, 4], qa[i, 5],
+    def dot1(acc, j, qa, fa, ea, i, keep, xq, xd, xs, t):
+        acc[j] += keep * unit_dot(xq, xd, xs, t, qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3], qa[i, 4], qa[i, 5],
                                   qa[i, 6], qa[i, 7], fa[i, 0], fa[i, 1], fa[i, 2], fa[i, 3], ea[i, 0], ea[i, 1])
 
     @cuda_jit(device=True, inline=True)
-    def dots(acc, qa, fa, ea, i0, keep, xq, xd, xs):
-        dot1(acc, 0, qa, fa, ea, i0, keep, xq, xd, xs)
+    def dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, j0, t):
+        dot1(acc, j0, qa, fa, ea, i0, keep, xq, xd, xs, t)
         if RW == 2:
-            dot1(acc, 1, qa, fa, ea, i0 + 1, keep, xq, xd, xs)
+            dot1(acc, j0 + 1, qa, fa, ea, i0 + 1, keep, xq, xd, xs, t)
         if EPI == EPI_GATED:
-            dot1(acc, RW, qa, fa, ea, i0 + RW, keep, xq, xd, xs)
+            dot1(acc, j0 + RW, qa, fa, ea, i0 + RW, keep, xq, xd, xs, t)
             if RW == 2:
-                dot1(acc, RW + 1, qa, fa, ea, i0 + RW + 1, keep, xq, xd, xs)
+                dot1(acc, j0 + RW + 1, qa, fa, ea, i0 + RW + 1, keep, xq, xd, xs, t)
+
+    @cuda_jit(device=True, inline=True)
+    def dots(acc, qa, fa, ea, i0, keep, xq, xd, xs, tl):
+        # (written out, not a loop over the tokens: each accumulator index then is a constant,
+        # so acc stays in registers; one token reads row 0, a constant too)
+        dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 0, 0 if NT == 1 else tl[0])
+        if NT > 1:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, NA, tl[1])
+        if NT > 2:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 2 * NA, tl[2])
+        if NT > 3:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 3 * NA, tl[3])
+        if NT > 4:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 4 * NA, tl[4])
+        if NT > 5:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 5 * NA, tl[5])
+        if NT > 6:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 6 * NA, tl[6])
+        if NT > 7:
+            dots_token(acc, qa, fa, ea, i0, keep, xq, xd, xs, 7 * NA, tl[7])
     return fetch, dots
 
 
@@ -266,9 +293,13 @@ def _out_group(epi: int) -> int:
     return GATED_GROUP if epi == EPI_GATED else 32
 
 
-def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False, X16=False):
+def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=False, LOCAL=False, X16=False,
+                        NT=1):
     # (two rows a warp are RoPE's pair or two gate rows: the plain epilogues store one row a warp)
     assert RW == 1 or (RW == 2 and EPI in (EPI_ROPE, EPI_GATED)), (EPI, RW)
+    # NT > 1: a few tokens (a batched decode step, a short prompt), plain stores only
+    assert 1 <= NT <= MAX_NT and (NT == 1 or (EPI == EPI_STORE and RW == 1 and not QIN and not SK and not X16
+                                               and unit2 is None)), (NT, EPI)
     assert not LOCAL or (KS == 1 and RW == 1 and EPI in (EPI_QUANT, EPI_GATED)), (EPI, KS, RW)
     NR = 2 if EPI == EPI_GATED else 1
     NA = NR * RW                         # accumulators a lane
@@ -281,7 +312,7 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     TWO = unit2 is not None              # EPI_ROPE: blocks from nb1 on take a second matrix (w2 ..)
     XSH = 4 if X16 else 5                # the input's scales: one per 2**XSH values
     unit_dot = _dots(ptx.ld4_2d if SK else ptx.ldg4_2d, XSH)[0]
-    fetch1, dots = _make_fetcher(unit, EPI, RW, unit_dot)
+    fetch1, dots = _make_fetcher(unit, EPI, RW, unit_dot, NT)
     fetch2 = _make_fetcher(unit2, EPI, RW, unit_dot)[0] if TWO else fetch1
     NP = NA * UNROLL                     # units a lane holds: a trip's
 
@@ -299,11 +330,11 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                 fetch1(qa, fa, ea, NA, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u1)
 
     @cuda_jit(device=True, inline=True)
-    def dots_trip(acc, qa, fa, ea, keep0, keep1, xq, xd, xs):
+    def dots_trip(acc, qa, fa, ea, keep0, keep1, xq, xd, xs, tl):
         """acc += a fetched trip's products, unit u0's weighted keep0 and u1's keep1."""
-        dots(acc, qa, fa, ea, 0, keep0, xq, xd, xs)
+        dots(acc, qa, fa, ea, 0, keep0, xq, xd, xs, tl)
         if UNROLL == 2:
-            dots(acc, qa, fa, ea, NA, keep1, xq, xd, xs)
+            dots(acc, qa, fa, ea, NA, keep1, xq, xd, xs, tl)
     NTHR = 32 * NWB
     QT = max(1, -(-SK // (8 * NTHR)))    # QIN: trips of 8 input values a thread
     # shared shapes: plain constants, never 0 (sq: 3 words spare for aligned16)
@@ -314,8 +345,14 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
     def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, ss_in, eps, xf_in, nw_in,
                bias, accumulate_out, half, mode, nw, q8, qd, qs, qf, ss_out, count,
                pos, cos, sin, k_cache, v_cache, n_rot, n_q, hd, neox,
-               w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2, nb1):
+               w2, o_qh2, o_sc2, s_qs2, s_qh2, s_sc2, rows2, nb1, T):
         lane = cuda.threadIdx.x & 31
+        # NT > 1: tokens t0 .. t0 + NT of T (blockIdx.y: a group of NT); past T, token T - 1
+        # is computed again and not stored
+        t0 = cuda.blockIdx.y * NT
+        tl = cuda.local.array(NT, np.int32)
+        for i in range(NT):
+            tl[i] = min(t0 + i, T - 1)
         warp = cuda.threadIdx.x >> 5
         kw = warp % KS                   # this warp's share of its row's units
         bx = cuda.blockIdx.x
@@ -414,33 +451,38 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             xq, xd, xs = sq, sd, sx
         # 1 / rms of the input: its loads (written by the kernel ahead) in flight with the dots'
         scale = _rms_scale(ss_in, eps, lane)
-        acc = cuda.local.array(NA, np.float32)
-        for j in range(NA):
+        acc = cuda.local.array(NA * NT, np.float32)
+        for j in range(NA * NT):
             acc[j] = 0.0
         if LOCAL:
             vals = cuda.shared.array(32, np.float32)
         one = np.float32(1.0)
         zero = np.float32(0.0)
-        dots_trip(acc, qa, fa, ea, one if ua < n_units else zero, one if ub < n_units else zero, xq, xd, xs)
+        dots_trip(acc, qa, fa, ea, one if ua < n_units else zero, one if ub < n_units else zero, xq, xd, xs, tl)
         for u0 in range(ua + 32 * KS * UNROLL, n_units, 32 * KS * UNROLL):
             # (the second unit, with UNROLL 2, weighted 0 past the row's end)
             u1 = min(u0 + 32 * KS, n_units - 1)
             fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, u1)
-            dots_trip(acc, qa, fa, ea, one, one if u0 + 32 * KS < n_units else zero, xq, xd, xs)
-        for j in range(NA):
+            dots_trip(acc, qa, fa, ea, one, one if u0 + 32 * KS < n_units else zero, xq, xd, xs, tl)
+        for j in range(NA * NT):
             acc[j] = ptx.warp_sum(acc[j]) * scale
         if KS > 1:
-            part = cuda.shared.array((NWB, NA), np.float32)
+            part = cuda.shared.array((NWB, NA * NT), np.float32)
             if lane == 0:
-                for j in range(NA):
+                for j in range(NA * NT):
                     part[warp, j] = acc[j]
             cuda.syncthreads()
-            for j in range(NA):
+            for j in range(NA * NT):
                 t = np.float32(0.0)
                 for i in range(KS):
                     t += part[warp - kw + i, j]
                 acc[j] = t
-        if EPI == EPI_ROPE:
+        if NT > 1:
+            if lane == 0 and kw == 0 and r < rows:
+                for i in range(NT):
+                    if t0 + i < T:
+                        _store(out, bias, col + r, t0 + i, acc[i], accumulate_out)
+        elif EPI == EPI_ROPE:
             if lane == 0 and kw == 0 and (bx * RWB + warp // KS) * 2 < rows:
                 _rope_store(out, acc[0] + ba, acc[1] + bb, a, b, p, c, sn, k_cache, v_cache, n_rot, n_q)
         elif lane == 0 and kw == 0:
