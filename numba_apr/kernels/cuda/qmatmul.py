@@ -45,7 +45,7 @@ from . import ptx
 from .launch import launch
 # The kernels' modules; their names that callers use are re-exported from here.
 from .qmatmul_decode import (EPI_GATED, EPI_QUANT, EPI_ROPE, EPI_STORE, GATED_GROUP,  # noqa: F401
-                             GROUP_BLOCKS, LONG_ROW_UNITS, MAX_NT, PREFETCH_BYTES, QIN_MAX_K, QIN_QKV_MAX_K,
+                             GROUP_BLOCKS, LONG_ROW_UNITS, MAX_NT, NT_UNROLL, PREFETCH_BYTES, QIN_MAX_K, QIN_QKV_MAX_K,
                              SPLIT_ROWS, STAGE_MAX_K, STAGE_MIN_K, _env_int, _make_decode_kernel,
                              _out_group, _plan)
 from .qmatmul_head import HALF_MAX_UNITS, HEAD_ROWS, HEAD_RW, _head_plan, _make_head_kernel  # noqa: F401
@@ -196,7 +196,7 @@ def _decode(epi, out, m, act, stream, bias, accumulate, col, n_out, half, mode, 
     if qin:                       # the input staged in shared memory: quantized there (QIN)
         plan = plan[:4] + (m.K,)
     elif NT > 1:                  # (the activations are NT rows: not staged)
-        plan = plan[:4] + (0,)
+        plan = (min(plan[0], NT_UNROLL),) + plan[1:4] + (0,)
     _, KS, RW, _, _ = plan
     G = _out_group(epi)
     local = (KS == 1 and RW == 1 and not qin and n_out % G == 0

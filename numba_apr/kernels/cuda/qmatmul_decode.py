@@ -73,17 +73,24 @@ def _rope_pair(j, n_rot, hd, neox):
     return head * hd + 2 * i, head * hd + 2 * i + 1
 
 
-# Tokens a decode kernel takes at once (NT): a batched decode step's (up to 8 sequences) and a
-# short prompt's products; each weight unit is loaded once and dotted with each token's input.
-MAX_NT = 8
-
-
 def _env_int(name: str, default: int) -> int:
     """A tuning bound from the environment (set only to measure it)."""
     v = os.environ.get(name, str(default))
     if not v.isdigit():
         raise NumbaAprError(f"{name} must be a whole number, got {v!r}")
     return int(v)
+
+
+# Tokens a decode kernel takes at once (NT): a batched decode step's (up to 8 sequences) and a
+# short prompt's products; each weight unit is loaded once and dotted with each token's input,
+# more tokens in groups of MAX_NT (blockIdx.y), which find the weights in L2. Units a lane a trip
+# (the plan's UNROLL) at most NT_UNROLL with NT > 1: a trip then holds NT times the work. 4 and 1
+# measured best of (8, 2), (8, 1), (4, 2), (4, 1), (2, 1): the 1.5B's step at 8 sequences 4.22 ->
+# 3.52 ms (docs/experiments.md#tokens-a-decode-kernel).
+MAX_NT = _env_int("NUMBA_APR_MAX_NT", 4)
+NT_UNROLL = _env_int("NUMBA_APR_NT_UNROLL", 1)
+if not (1 <= MAX_NT <= 8 and NT_UNROLL in (1, 2)):
+    raise NumbaAprError("NUMBA_APR_MAX_NT must be 1..8 and NUMBA_APR_NT_UNROLL 1 or 2")
 
 
 SPLIT_ROWS = 4096    # split rows over warps only while rows x warps a row stay within this
@@ -302,7 +309,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
                                                and unit2 is None)), (NT, EPI)
     assert not LOCAL or (KS == 1 and RW == 1 and EPI in (EPI_QUANT, EPI_GATED)), (EPI, KS, RW)
     NR = 2 if EPI == EPI_GATED else 1
-    NA = NR * RW                         # accumulators a lane
+    NA = NR * RW                         # accumulators a lane a token
+    NANT = NA * NT                       # ... and in all (a plain constant: array shapes)
     assert not (QIN and X16), "QIN quantizes its input itself, a scale per 32"
     G = _out_group(EPI)                  # values a q8 block of the output
     RWB = G if LOCAL else WARPS          # warps of rows a block (LOCAL: a whole q8 block of rows)
@@ -451,8 +459,8 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             xq, xd, xs = sq, sd, sx
         # 1 / rms of the input: its loads (written by the kernel ahead) in flight with the dots'
         scale = _rms_scale(ss_in, eps, lane)
-        acc = cuda.local.array(NA * NT, np.float32)
-        for j in range(NA * NT):
+        acc = cuda.local.array(NANT, np.float32)
+        for j in range(NANT):
             acc[j] = 0.0
         if LOCAL:
             vals = cuda.shared.array(32, np.float32)
@@ -464,15 +472,15 @@ def _make_decode_kernel(unit, EPI, UNROLL, KS, RW, PRE, SK, unit2=None, QIN=Fals
             u1 = min(u0 + 32 * KS, n_units - 1)
             fetch_trip(qa, fa, ea, second, w, o_qh, o_sc, s_qs, s_qh, s_sc, r, r1, rows, half, u0, u1)
             dots_trip(acc, qa, fa, ea, one, one if u0 + 32 * KS < n_units else zero, xq, xd, xs, tl)
-        for j in range(NA * NT):
+        for j in range(NANT):
             acc[j] = ptx.warp_sum(acc[j]) * scale
         if KS > 1:
-            part = cuda.shared.array((NWB, NA * NT), np.float32)
+            part = cuda.shared.array((NWB, NANT), np.float32)
             if lane == 0:
-                for j in range(NA * NT):
+                for j in range(NANT):
                     part[warp, j] = acc[j]
             cuda.syncthreads()
-            for j in range(NA * NT):
+            for j in range(NANT):
                 t = np.float32(0.0)
                 for i in range(KS):
                     t += part[warp - kw + i, j]
