@@ -142,21 +142,27 @@ class Server:
         return req, q
 
 
+_GONE = {"gone": True}   # put in a request's queue when its client has disconnected
+
+
 async def _events(http: HTTPRequest, req: Request, q: asyncio.Queue):
-    """The request's events; cancels it when the client has gone."""
+    """The request's events; cancels it when the client has gone (a watcher looks every 0.5 s:
+    a timeout on each event's wait cost a task and a timer a token)."""
+    async def watch():
+        while not await http.is_disconnected():
+            await asyncio.sleep(0.5)
+        q.put_nowait(_GONE)
+    watcher = asyncio.create_task(watch())
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    req.cancel()
-                    return
-                continue
+            ev = await q.get()
+            if ev is _GONE:
+                return
             yield ev
             if ev.get("done") or "error" in ev:
                 return
     finally:
+        watcher.cancel()
         req.cancel()  # no-op once done; frees the slot when the stream was dropped
 
 
@@ -172,6 +178,29 @@ async def _collect(http: HTTPRequest, req: Request, q: asyncio.Queue):
             parts.append(ev.get("text", ""))
             tokens.append(ev)
     return "".join(parts), tokens, done
+
+
+class _AuthAndCount:
+    """ASGI middleware: counts requests, and asks for the API key on the API routes. Plain ASGI:
+    Starlette's @app.middleware("http") passes every streamed chunk through a memory stream of
+    its own, a cost per token."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server = self.server
+        server.counts["http_requests"] += 1
+        path = scope["path"]
+        if server.api_key and (path.startswith("/v1/") or path.startswith("/api/") or path == "/metrics"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {server.api_key}":
+                server.counts["errors"] += 1
+                return await _error(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                    kind="authentication_error")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -196,15 +225,7 @@ def create_app(server: Server) -> FastAPI:
         server.counts["errors"] += 1
         return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
-    @app.middleware("http")
-    async def auth_and_count(request: HTTPRequest, call_next):
-        server.counts["http_requests"] += 1
-        path = request.url.path
-        if server.api_key and (path.startswith("/v1/") or path.startswith("/api/") or path == "/metrics"):
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                server.counts["errors"] += 1
-                return _error(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error")
-        return await call_next(request)
+    app.add_middleware(_AuthAndCount, server=server)
 
     async def body_of(http: HTTPRequest) -> dict:
         try:
