@@ -78,43 +78,14 @@ def spin_pause(typingctx):
     return types.none(), codegen
 
 
-# The OS call that gives this thread's core to another runnable thread (POSIX; None: spin only).
-_YIELD = None if platform.system() == "Windows" else "sched_yield"
-
-
-@intrinsic
-def os_yield(typingctx):
-    """sched_yield(): let another thread run on this core (nothing where there is none). Called
-    by name, so a cached function holds no address of this process."""
-    def codegen(context, builder, sig, args):
-        if _YIELD is not None:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), _YIELD)
-            builder.call(fn, [])
-        return context.get_dummy_value()
-    return types.none(), codegen
-
-
-# Pauses a waiting thread spins before it yields its core at each further check. A thread that
-# the OS took off its core (more runnable threads than cores: the server's event loop, another
-# process) would otherwise keep the others spinning for a whole time slice: the server's
-# one-stream decode of the tiny model on 2 cores ran at 27 ms a token in such stretches, 3 ms
-# without. 2,000 pauses are ~50-100 us, beyond a stage's imbalance on a quiet machine.
-SPIN_BEFORE_YIELD = 2000
-
-
 @jit
 def barrier(counter, n_threads, k):
     """The k-th barrier of the stage (k from 1): wait until all n_threads threads have arrived.
     Returns k + 1, the number of the next one."""
     atomic_add(counter, 0, 1)
     target = k * n_threads
-    spins = 0
     while atomic_load(counter, 0) < target:
-        if spins < SPIN_BEFORE_YIELD:
-            spin_pause()
-            spins += 1
-        else:
-            os_yield()
+        spin_pause()
     return k + 1
 
 
