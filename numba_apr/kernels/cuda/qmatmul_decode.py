@@ -1,4 +1,5 @@
-"""Decode products on the GPU (one token, T = 1): the dp4a kernel with its plans and epilogues.
+"""Decode products on the GPU (one token, T = 1, or a few: a batched decode step, a short prompt):
+the dp4a kernel with its plans and epilogues.
 
 `_make_decode_kernel` builds, per type, epilogue and plan, the kernel that qmatmul.py's decode
 entry points (`qmatmul` at T = 1, `qmatmul_quant`, `qmatmul_gated`, `qmatmul_rope`) launch.
