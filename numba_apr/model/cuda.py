@@ -525,6 +525,7 @@ class CudaRunner:
             raise NumbaAprError("eval_batch: logits are returned only after the last entry of a run")
         out = self._brows[:R]
         ones = starts[single]
+        pairs = []                      # (decoding entry i, its row k in `rows`)
         nd = len(ones)
         if nd:
             if nd > self.batch_sizes[-1]:
@@ -552,8 +553,8 @@ class CudaRunner:
                     rows_argmax(s.blogits, s.bids, B, st)
                 self._graph(("batch", B, short), run)
             pairs = [(i, where[int(one)]) for i, one in enumerate(ones) if int(one) in where]
-            full = [(i, k) for i, k in pairs if argmax is None or not argmax[k]]
-            if any(argmax[k] for _, k in pairs) if argmax is not None else False:
+            full = [(i, k) for i, k in pairs if argmax is None or not argmax[k]]   # rows that sample
+            if len(full) < len(pairs):
                 s.bids.copy_to_host(self._bids, stream=stream)
             if nd > 1 and full == [(i, i) for i in range(nd)]:   # the scheduler's order: one copy
                 s.blogits_first[nd].copy_to_host(out[:nd], stream=stream)
@@ -570,7 +571,7 @@ class CudaRunner:
                 prompt_rows.append(k)
         stream.synchronize()
         if argmax is not None:
-            for i, k in pairs if nd else ():
+            for i, k in pairs:
                 if argmax[k]:
                     ids[k] = self._bids[i]
             for k in prompt_rows:

@@ -8,12 +8,11 @@ float64 oracle. The kernels live by what they serve:
 - qmatrix.py: the device layout of a GGUF matrix (`DeviceMatrix`, `upload`) and the per-type
   unit loaders (`UNITS`) and dots that every kernel reads weights through;
 - qmatmul_decode.py: decoding one token (T = 1): `_plan` per shape and the kernel with its
-  epilogues (store, quantize the next input, gated activation, RoPE and the KV-cache write),
-  and with plain stores NT tokens a block;
+  epilogues (store, quantize the next input, gated activation, RoPE and the KV-cache write);
+  with plain stores, also small batches (1 < T < MMA_MIN_T: a batched decode step, a short
+  prompt), up to MAX_NT tokens a block, each weight unit loaded once for all of them;
 - qmatmul_head.py: decoding an output head (a vocabulary of rows, HEAD_ROWS or more);
 - qmatmul_mma.py: prompts (T >= MMA_MIN_T) on the int8 tensor cores;
-- qmatmul_decode.py also takes small batches (1 < T < MMA_MIN_T: a batched decode step, a short
-  prompt): up to MAX_NT tokens a block, each weight unit loaded once for all of them;
 - here: F32 / F16 / BF16 matrices
   (`_float_kernel`, on the float activations: llama.cpp does not quantize activations for them
   either), the kernel cache and the launches.
