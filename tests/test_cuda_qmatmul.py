@@ -70,18 +70,49 @@ def test_decode_rows_of_several_trips(rng, monkeypatch, plan, T):
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0"])
-def test_prompt_tile_bias_and_accumulate(rng, name):
-    """1 < T < MMA_MIN_T goes through the decode kernel in groups of MAX_NT tokens (a partial one
-    too); bias and residual add."""
+def test_prompt_tile_bias_and_accumulate(rng, monkeypatch, name):
+    """1 < T < FEW_MIN_T goes through the decode kernel in groups of MAX_NT tokens (a partial one
+    too: FEW_MIN_T raised for it); bias and residual add."""
     K = 256 if name.endswith("_K") else 64
     raw = case(rng, name, 5, K)
     T = qm.MAX_NT + 2
+    monkeypatch.setattr(qm, "FEW_MIN_T", T + 1)
     assert T < qm.MMA_MIN_T
     x = rng.standard_normal((T, K)).astype(np.float32)
     res = rng.standard_normal((T, 5)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
     want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
     check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+
+
+@pytest.mark.parametrize("name,T,plan", [("Q4_K", 3, None), ("Q6_K", 8, (2, 2)), ("Q5_0", 11, (4, 1))])
+def test_few_tokens_tensor_cores(rng, monkeypatch, name, T, plan):
+    """FEW_MIN_T <= T < MMA_MIN_T goes to the few-token tensor-core kernel: two row tiles (the
+    second partial), K over three or four steps (a partial one for the 32-value types), a token
+    group of 8 (and a partial second one at T = 11), K split over 2 and 4 warps; bias and
+    residual add, into columns `col` onwards."""
+    assert qm.FEW_MIN_T <= T < qm.MMA_MIN_T
+    monkeypatch.setattr(qm, "_KERNELS", {})
+    if plan:
+        monkeypatch.setattr(qm, "_few_plan", lambda n_units, rows: plan)
+    K = 4 * qm.MMA_K if name.endswith("_K") else 2 * qm.MMA_K + 32   # (Q5_0: 9 units, the 3rd step partial)
+    N = 16 + 5
+    raw = case(rng, name, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
+    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+    assert [key[-1] for key in qm._KERNELS] == [plan or qm._few_plan(K // 32, N)]
+
+
+@pytest.mark.skipif(ptx.SIM, reason="every type: minutes under the simulator (its three are above)")
+@pytest.mark.parametrize("name", TYPES[:8])
+def test_few_tokens_tensor_cores_every_type(rng, name):
+    K = 512 if name.endswith("_K") else 96
+    raw = case(rng, name, 40, K)
+    x = rng.standard_normal((8, K)).astype(np.float32)
+    check(run_product(raw, name, K, x), qm.qmatmul_ref(raw, Q[name], K, x), K)
 
 
 def dequantized_q8(act, K):

@@ -70,16 +70,6 @@ HB_MAX = 8            # query heads a block at most (see _plan)
 SHORT_CTX = 1024      # decoding within this many positions: one query head a block (`short`)
 NEG = np.float32(-1e30)   # "no score yet": finite, since fastmath assumes no infinities
 
-if ptx.SIM:
-    def _syncwarp():
-        # The simulator has no warps (and no syncwarp); every call site is block-uniform.
-        cuda.syncthreads()
-else:
-    @cuda_jit(device=True, inline=True)
-    def _syncwarp():
-        cuda.syncwarp()
-
-
 def _plan(group: int, D: int, DV: int):
     """(HB, RW): query heads a block, prompt rows a warp.
 
@@ -298,7 +288,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                 for c in range(NACC):
                     acc[hh, c] *= corr
                 ps[warp, hh, lane] = pe
-            _syncwarp()
+            ptx.syncwarp()
             # p * V, lane = dimension pair: JB keys' V words loaded at once (rows past the chunk
             # read its last row, with p = 0), then their products.
             for j0 in range(0, 32, JB):
@@ -317,7 +307,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                                 for hh in range(HB):
                                     acc[hh, 2 * c] += pj[hh] * vlo
                                     acc[hh, 2 * c + 1] += pj[hh] * vhi
-            _syncwarp()
+            ptx.syncwarp()
             if AHEAD and kb + KEYS < c1:      # the next trip's rows
                 load_trip(kr, vv, kw, vw, k0 + KEYS, c1, kstride, vstride, kvh, lane)
 
@@ -462,7 +452,7 @@ def _kernels(D: int, DV: int, HB: int, RW: int):
                 for c in range(NACC):
                     acc[i, c] *= corr
                 ps[warp, i, lane] = pe
-            _syncwarp()
+            ptx.syncwarp()
             # p * V: lane = dimension pair, over the tile's keys that exist (< hi).
             jn = min(KT, hi - kt)
             for j in range(jn):

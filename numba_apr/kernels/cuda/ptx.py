@@ -30,7 +30,8 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   older GPUs). See launch.py's `overlapped`: a kernel so marked calls it before it touches memory;
 * `prefetch_l2(a, i, n)`: ask for a[i : i + n] of a uint32 array to be brought into L2 (one
   `cp.async.bulk.prefetch.L2`, whole 16-byte chunks inside the array; compute capability 9.0 and
-  up, nothing on older GPUs): what an overlapped kernel does with its weights before it waits.
+  up, nothing on older GPUs): what an overlapped kernel does with its weights before it waits;
+* `syncwarp()`: the warp's barrier (`bar.warp.sync`); the simulator's is the block's.
 
 Under `NUMBA_ENABLE_CUDASIM=1` (CI has no GPU) the twins compute the same values in Python. The
 simulator has no warp shuffles, so its `warp_sum` goes through shared memory with block-wide
@@ -175,6 +176,11 @@ if SIM:
     @cuda.jit(device=True)
     def warp_max(v):
         return lanes_max(v, 32)
+
+    @cuda.jit(device=True)
+    def syncwarp():
+        # The simulator has no warps (and no syncwarp): callers call it block-uniformly.
+        cuda.syncthreads()
 
 else:
     from llvmlite import ir
@@ -391,3 +397,7 @@ else:
     @cuda.jit(device=True, inline=True)
     def warp_max(v):
         return lanes_max(v, 32)
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        cuda.syncwarp()

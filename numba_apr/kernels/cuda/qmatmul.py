@@ -9,10 +9,11 @@ float64 oracle. The kernels live by what they serve:
   unit loaders (`UNITS`) and dots that every kernel reads weights through;
 - qmatmul_decode.py: decoding one token (T = 1): `_plan` per shape and the kernel with its
   epilogues (store, quantize the next input, gated activation, RoPE and the KV-cache write);
-  with plain stores, also small batches (1 < T < MMA_MIN_T: a batched decode step, a short
-  prompt), up to MAX_NT tokens a block, each weight unit loaded once for all of them;
+  with plain stores, also T = 2 (up to FEW_MIN_T - 1 tokens), each weight unit loaded once for
+  all of them;
 - qmatmul_head.py: decoding an output head (a vocabulary of rows, HEAD_ROWS or more);
-- qmatmul_mma.py: prompts (T >= MMA_MIN_T) on the int8 tensor cores;
+- qmatmul_mma.py: prompts (T >= MMA_MIN_T) on the int8 tensor cores, and a few tokens
+  (FEW_MIN_T <= T < MMA_MIN_T: a batched decode step) on them too, a row tile a warp;
 - here: F32 / F16 / BF16 matrices
   (`_float_kernel`, on the float activations: llama.cpp does not quantize activations for them
   either), the kernel cache and the launches.
@@ -49,7 +50,8 @@ from .qmatmul_decode import (EPI_GATED, EPI_QUANT, EPI_ROPE, EPI_STORE, GATED_GR
                              SPLIT_ROWS, STAGE_MAX_K, STAGE_MIN_K, _env_int, _make_decode_kernel,
                              _out_group, _plan)
 from .qmatmul_head import HALF_MAX_UNITS, HEAD_ROWS, HEAD_RW, _head_plan, _make_head_kernel  # noqa: F401
-from .qmatmul_mma import MMA_K, MMA_MIN_T, MMA_NTILE, _make_mma_kernel, mma_tiles  # noqa: F401
+from .qmatmul_mma import (FEW_MIN_T, MMA_K, MMA_MIN_T, MMA_NTILE, _few_plan, _make_few_kernel,  # noqa: F401
+                          _make_mma_kernel, mma_tiles)
 from .qmatrix import (FLOAT_TYPES, SUPPORTED, UNITS, WARPS, DeviceMatrix, _store, _unit_dot,  # noqa: F401
                       concat, upload)
 
@@ -77,17 +79,19 @@ _KERNELS: dict = {}
 
 
 def _kernel(qtype: int, NT: int = 1, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False,
-            x16=False):
-    """The product for a type: on the tensor cores (tc), or the decode kernel for NT tokens with
+            x16=False, few=None):
+    """The product for a type: on the tensor cores (tc: a prompt's; few: a few tokens', with
+    _few_plan's (KS, TR)), or the decode kernel for NT tokens with
     epilogue `epi` and `plan` (see _plan) (and a second matrix's type; qin: it quantizes its
     input itself; x16: its input has a scale per 16), or with epi "head" the output head's,
     plan (UNROLL, LW)."""
-    key = (qtype, NT, tc, epi, plan, qtype2, qin, local, x16)
+    key = (qtype, NT, tc, epi, plan, qtype2, qin, local, x16, few)
     k = _KERNELS.get(key)
     if k is None:
         unit = UNITS[qtype]
         k = _KERNELS[key] = (
             _make_mma_kernel(unit, qtype != Q.Q6_K, *mma_tiles()) if tc
+            else _make_few_kernel(unit, qtype != Q.Q6_K, *few) if few
             else _make_head_kernel(unit, *plan) if epi == "head"
             else _make_decode_kernel(unit, epi, *plan, None if qtype2 is None else UNITS[qtype2], qin, local, x16,
                                      NT))
@@ -123,8 +127,14 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
-    # One token, or a few (a batched decode step, a short prompt): the decode kernel, each
-    # weight unit loaded once for up to MAX_NT tokens
+    if T >= FEW_MIN_T:
+        KS, TR = _few_plan(n_units, m.rows)
+        launch(_kernel(m.qtype, few=(KS, TR)), (-(-m.rows // (16 * TR)), -(-T // 8)), 32 * KS * TR, stream,
+               out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
+               act.xq, act.xd, act.xs, T, bias, accumulate)
+        return
+    # One token, or two (a batched decode step, a short prompt): the decode kernel, each weight
+    # unit loaded once for up to MAX_NT tokens
     assert T == 1 or act.ss.shape[0] == 0, "a norm still to apply is one token's"
     _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act, T=T)
 

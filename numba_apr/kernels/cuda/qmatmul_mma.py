@@ -1,10 +1,15 @@
-"""Prompt products on the GPU's int8 tensor cores (`mma.sync` from ptx.py), T >= MMA_MIN_T tokens.
+"""Products on the GPU's int8 tensor cores (`mma.sync` from ptx.py): prompts (T >= MMA_MIN_T
+tokens) and a few tokens (FEW_MIN_T <= T < MMA_MIN_T: a batched decode step, a short prompt).
 
 `_make_mma_kernel` builds, per type and tile shape (`mma_tiles`), the kernel that qmatmul.py's
 `qmatmul` launches for prompts: a block decodes a 128-row x 128-column weight tile through the
 units of qmatrix.py into shared memory, next to the 64-token q8 activation tile, and each of
 its 16 warps multiplies 16 rows by 32 tokens, scaling each int32 result by its halves' d and m;
 the next step's loads are in flight while a step multiplies.
+
+`_make_few_kernel` builds the few-token one (`_few_plan`): each warp decodes a 16-row x 128-column
+weight tile of its own into shared memory and multiplies it by 8 tokens' q8 activations, read
+as mma fragments straight from global memory; a row tile's K may be split over 2-8 warps.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from numba import cuda
 
 from ..._numba import cuda_jit
 from . import ptx
+from .launch import overlapped
+from .qmatmul_decode import _env_int
 from .qmatrix import _store
 
 
@@ -243,4 +250,160 @@ def _make_mma_kernel(unit, K32, WR, WT):
                 t = t0 + tw + 8 * nt + 2 * q + (j & 1)
                 if r < rows and t < T:
                     _store(out, bias, col + r, t, acc[4 * nt + j], accumulate_out)
+    return kernel
+
+
+# A few tokens (a batched decode step of 2-8 sequences, a short prompt): the dp4a decode kernel
+# dots each weight unit with every token (8 dp4a and their scaling a token a unit), so its cost
+# grows with the tokens; one m16n8k32 mma multiplies 16 rows x 32 values by 8 tokens. Each warp
+# takes a 16-row tile, decodes its 16 x 128 weights a step (4 units a row, two a lane, through
+# qmatrix.py's units) into a shared-memory tile of its own, and reads the A fragments from
+# there; the B fragments (token g of the lane, 8 bytes of q8) come straight from global memory,
+# where every warp of the card reads the same few KB. The next step's units are loaded while a
+# step multiplies. Rows too few to fill the card have K split over KS warps (`_few_plan`),
+# which add up in shared memory. T > 8: blocks along y take 8 tokens each.
+FEW_MIN_T = _env_int("NUMBA_APR_FEW_MIN_T", 3)   # from this many tokens up (below MMA_MIN_T)
+FEW_WARPS = _env_int("NUMBA_APR_FEW_WARPS", 1056)  # split K while row tiles x KS stay within this
+FEW_SW = 36                  # words a row of a warp's tile: 32 (128 values) + 4, which puts the
+                             # 32 lanes' fragment loads (row g, word 8kk + q) on 32 banks
+FEW_SC = 9                   # k16 scales a row of it: 8 + 1 (rows g on distinct banks)
+
+
+def _few_plan(n_units: int, rows: int) -> tuple[int, int]:
+    """(KS, TR): warps a 16-row tile's K is split over, row tiles a block (blocks of 4 warps, or
+    8 with KS = 8). K is split while the warps stay within FEW_WARPS and each keeps 2+ steps."""
+    tiles, steps = -(-rows // 16), -(-n_units // 4)
+    KS = max(k for k in (1, 2, 4, 8) if k == 1 or (tiles * k <= FEW_WARPS and steps >= 2 * k))
+    return KS, max(1, 4 // KS)
+
+
+def _make_few_kernel(unit, K32, KS, TR):
+    """The few-token tensor-core product: TR row tiles of 16 a block, each over KS warps (K steps
+    kw, kw + KS, ... of MMA_K values); grid (row blocks, token groups of 8)."""
+    assert MMA_K == 128
+    NW = TR * KS                     # warps a block (plain constants: array shapes)
+    SW, SC = FEW_SW, FEW_SC
+
+    @cuda_jit(device=True, inline=True)
+    def fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, s, rl, uu):
+        """Step s's two units of this lane (rows rl and rl + 8 of the tile, unit 4 s + uu) into
+        registers; units past the row's end weigh 0, their halves at column 32 uu, + 16."""
+        u = 4 * s + uu
+        ok = u < n_units
+        for i in range(2):
+            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
+                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl + 8 * i, rows - 1), min(u, n_units - 1))
+            qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
+            qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
+            fa[i, 0] = d0 if ok else np.float32(0.0)
+            fa[i, 1] = m0 if ok else np.float32(0.0)
+            fa[i, 2] = d1 if ok else np.float32(0.0)
+            fa[i, 3] = m1 if ok else np.float32(0.0)
+            ea[i, 0] = e0 - 128 * s if ok else 32 * uu
+            ea[i, 1] = e1 - 128 * s if ok else 32 * uu + 16
+
+    @cuda_jit(device=True, inline=True)
+    def put(qa, fa, ea, warp, rl, sA, sD, sM):
+        """fetch's registers into the warp's tile: quants by their column, d and m by k16 slice."""
+        for i in range(2):
+            row = rl + 8 * i
+            j = ea[i, 0] >> 2
+            sA[warp, row, j], sA[warp, row, j + 1], sA[warp, row, j + 2], sA[warp, row, j + 3] = (
+                qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3])
+            j = ea[i, 1] >> 2
+            sA[warp, row, j], sA[warp, row, j + 1], sA[warp, row, j + 2], sA[warp, row, j + 3] = (
+                qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7])
+            sD[warp, row, ea[i, 0] >> 4], sM[warp, row, ea[i, 0] >> 4] = fa[i, 0], fa[i, 1]
+            sD[warp, row, ea[i, 1] >> 4], sM[warp, row, ea[i, 1] >> 4] = fa[i, 2], fa[i, 3]
+
+    @cuda_jit(device=True, inline=True)
+    def scale(acc, c0, c1, c2, c3, dA, mA, dB, mB, xa, xb, sa, sb):
+        """acc += the int32 results for rows (g, g + 8) x tokens (2q, 2q + 1): xd (d dot + m sum)."""
+        acc[0] += mA * sa
+        acc[0] += xa * dA * np.float32(c0)
+        acc[1] += mA * sb
+        acc[1] += xb * dA * np.float32(c1)
+        acc[2] += mB * sa
+        acc[2] += xa * dB * np.float32(c2)
+        acc[3] += mB * sb
+        acc[3] += xb * dB * np.float32(c3)
+
+    @cuda_jit(device=True, inline=True)
+    def multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs):
+        """Step s: the warp's tile times the 8 tokens (written per slice; 4 k32 or 8 k16 mma)."""
+        if K32:      # both k16 slices of each 32 values share d and m: one k32 mma, one scaling
+            for kk in range(4):
+                u = min(4 * s + kk, n_units - 1)
+                c0, c1, c2, c3 = ptx.mma_s8_k32(
+                    sA[warp, g, 8 * kk + q], sA[warp, g + 8, 8 * kk + q],
+                    sA[warp, g, 8 * kk + 4 + q], sA[warp, g + 8, 8 * kk + 4 + q],
+                    xq[tg, 8 * u + q], xq[tg, 8 * u + 4 + q])
+                xa, xb = xd[ta, u], xd[tb, u]
+                scale(acc, c0, c1, c2, c3, sD[warp, g, 2 * kk], sM[warp, g, 2 * kk],
+                      sD[warp, g + 8, 2 * kk], sM[warp, g + 8, 2 * kk], xa, xb,
+                      xa * np.float32(xs[ta, 2 * u] + xs[ta, 2 * u + 1]),
+                      xb * np.float32(xs[tb, 2 * u] + xs[tb, 2 * u + 1]))
+        else:        # Q6_K: a scale per 16
+            for kk in range(8):
+                u = min(4 * s + (kk >> 1), n_units - 1)
+                h = 2 * u + (kk & 1)
+                c0, c1, c2, c3 = ptx.mma_s8(sA[warp, g, 4 * kk + q], sA[warp, g + 8, 4 * kk + q],
+                                            xq[tg, 4 * h + q])
+                xa, xb = xd[ta, u], xd[tb, u]
+                scale(acc, c0, c1, c2, c3, sD[warp, g, kk], sM[warp, g, kk], sD[warp, g + 8, kk],
+                      sM[warp, g + 8, kk], xa, xb, xa * np.float32(xs[ta, h]), xb * np.float32(xs[tb, h]))
+
+    @overlapped
+    @cuda_jit
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        g = lane >> 2
+        q = lane & 3
+        warp = tid >> 5
+        kw = warp % KS                   # this warp's steps: kw, kw + KS, ...
+        r0 = (cuda.blockIdx.x * TR + warp // KS) * 16
+        t0 = cuda.blockIdx.y * 8
+        tg = min(t0 + g, T - 1)          # the token of this lane's B fragment
+        ta = min(t0 + 2 * q, T - 1)      # and of its results (past T: token T - 1 again, not stored)
+        tb = min(t0 + 2 * q + 1, T - 1)
+        rl = lane >> 2                   # this lane's units: rows rl, rl + 8, unit uu of a step
+        uu = lane & 3
+        sA = cuda.shared.array((NW, 16, SW), np.uint32)
+        sD = cuda.shared.array((NW, 16, SC), np.float32)
+        sM = cuda.shared.array((NW, 16, SC), np.float32)
+        qa = cuda.local.array((2, 8), np.uint32)
+        fa = cuda.local.array((2, 4), np.float32)
+        ea = cuda.local.array((2, 2), np.int64)
+        acc = cuda.local.array(4, np.float32)
+        for j in range(4):
+            acc[j] = 0.0
+        # The first step's weights are loaded before waiting for the kernel ahead (launch.py).
+        fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, kw, rl, uu)
+        ptx.grid_dep()
+        trips = -(-(-(-n_units // 4)) // KS)   # the same for every warp (the simulator's mma is a
+        for i in range(trips):                  # block collective); steps past K weigh 0
+            s = kw + i * KS
+            put(qa, fa, ea, warp, rl, sA, sD, sM)
+            ptx.syncwarp()
+            fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, s + KS, rl, uu)
+            multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs)
+            ptx.syncwarp()
+        if KS > 1:                       # the K shares of a row tile, added in shared memory
+            part = cuda.shared.array((NW, 4, 32), np.float32)
+            for j in range(4):
+                part[warp, j, lane] = acc[j]
+            cuda.syncthreads()
+            if kw == 0:
+                for j in range(4):
+                    v = np.float32(0.0)
+                    for k in range(KS):
+                        v += part[warp + k, j, lane]
+                    acc[j] = v
+        if kw == 0:
+            for j in range(4):
+                r = r0 + g + 8 * (j >> 1)
+                t = t0 + 2 * q + (j & 1)
+                if r < rows and t < T:
+                    _store(out, bias, col + r, t, acc[j], accumulate_out)
     return kernel
