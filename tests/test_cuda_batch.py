@@ -13,6 +13,7 @@ from test_cuda_attention import SEED, rng  # noqa: F401  (fixture; skips this mo
 
 from numba_apr.kernels.cuda import ops
 from numba_apr.kernels.cuda.attention import attention, attention_ref, attention_workspace
+from numba_apr.kernels.cuda.qmatmul import quantize_act_ref
 
 
 def test_rope_kv_several_sequences(rng):
@@ -68,13 +69,18 @@ def test_decode_attention_several_sequences(rng, window, short):
     out = cuda.to_device(np.full((T + 1, n_head * D), np.nan, np.float32))
     ws = attention_workspace(n_ctx, n_head, D, max_T=T, n_split=3)
     stream = cuda.stream()
-    attention(out, cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), cuda.to_device(pos), T, n_head,
-              n_kv, D, D, scale, window, stream, ws, None, short, rows=cuda.to_device(slots * n_ctx))
+    dst = ops.ActBuffers.allocate(T, n_head * D)
+    a = attention(out, cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), cuda.to_device(pos), T, n_head,
+                  n_kv, D, D, scale, window, stream, ws, dst, short, rows=cuda.to_device(slots * n_ctx))
     stream.synchronize()
     got = out.copy_to_host()
     assert np.isnan(got[T:]).all(), "rows past T written"
     assert not ws[2].copy_to_host().any(), "the merging block resets its head group's count"
     np.testing.assert_allclose(got[:T], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED}")
+    # the next product's input, quantized by the merging blocks: each token's row
+    q8, d8 = quantize_act_ref(got[:T])
+    assert np.array_equal(a.xq8.copy_to_host()[:T, :n_head * D], q8), f"seed {SEED}"
+    np.testing.assert_allclose(a.xd.copy_to_host()[:T], d8, rtol=1e-6)
 
 
 def test_rows_argmax_is_the_hosts_greedy_choice(rng):

@@ -243,9 +243,10 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
             _project(s.qkv, L.qkv, a, T, stream, L.bqkv)
             rope_kv(s.qkv, inp.pos, T, c, s.rope[plan.rope_base], L.q_norm, L.k_norm, inp.k_layer[l],
                     inp.v_layer[l], stream, s.act.empty, inp.rows)
+        # (decoding, one sequence or several, attention quantizes its output for w_o itself)
         a = attention(s.att, s.q, inp.k_layer[l], inp.v_layer[l], inp.pos, T, c.n_head, c.n_head_kv, c.head_dim,
-                      c.head_dim_v, c.attn_scale, plan.window, stream, inp.att_ws, qb if fuse else None, short,
-                      inp.rows)
+                      c.head_dim_v, c.attn_scale, plan.window, stream, inp.att_ws,
+                      qb if fuse or inp.rows is not None else None, short, inp.rows)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
         a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse, qin_ffn)
