@@ -219,9 +219,11 @@ def rope_table(n_ctx: int, rope_dim: int, base: float):
     return cuda.to_device(np.cos(ang).astype(np.float32)), cuda.to_device(np.sin(ang).astype(np.float32))
 
 
+@overlapped
 @cuda_jit
 def _rope_kv(qkv, pos, rows, batched, n_head, n_head_kv, head_dim, head_dim_v, rope_dim, neox, cos, sin,
              q_norm, k_norm, eps, k_cache, v_cache):
+    ptx.grid_dep()                  # (launched while the Q/K/V product ends: launch.py)
     t = cuda.blockIdx.x
     h = cuda.blockIdx.y             # 0..n_head-1: a query head; then the kv heads
     p = pos[t] if batched else pos[0] + t
