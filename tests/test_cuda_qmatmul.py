@@ -103,7 +103,34 @@ def test_few_tokens_tensor_cores(rng, monkeypatch, name, T, plan):
     bias = rng.standard_normal(N).astype(np.float32)
     want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
     check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
-    assert [key[-1] for key in qm._KERNELS] == [plan or qm._few_plan(K // 32, N)]
+    assert [key[-1] for key in qm._KERNELS] == [(*(plan or qm._few_plan(K // 32, N)), False)]
+
+
+@pytest.mark.parametrize("name,mode,T", [("Q4_K", ops.MODE_SILU, 3), ("Q6_K", ops.MODE_GELU, 8),
+                                         ("Q5_0", ops.MODE_SILU, 10)])
+def test_few_tokens_gated(rng, name, mode, T):
+    """A batched decode step's [gate; up] product of a few tokens (qmatmul_gated with T > 1): the
+    float act(gate . x) * (up . x) and its q8 (a scale per 32), made by the block whose 32 rows
+    are the q8 block; two blocks, a partial second token group at T = 10."""
+    from numba_apr.kernels.cpu.ops import gated_act_ref
+    K, half = (256, 64) if name.endswith("_K") else (160, 64)
+    raw = case(rng, name, 2 * half, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    act = ops.ActBuffers.allocate(T, K)
+    ops.quantize_act(act, cuda.to_device(x), T, 0)
+    m = qm.upload(raw, Q[name], K)
+    assert qm.gated_takes(m, T)
+    nxt = qm.qmatmul_gated(m, act, 0, ops.ActBuffers.allocate(T + 1, half), mode, T)
+    gu = qm.qmatmul_ref(raw, Q[name], K, x)
+    want = gated_act_ref(gu[:, :half], gu[:, half:], mode == ops.MODE_GELU)
+    got = nxt.xf.copy_to_host()[:T]
+    tol = 1e-4 * np.abs(want).max() * np.sqrt(K / 32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol, err_msg=f"seed {SEED}")
+    assert not nxt.x16
+    q, d = qm.quantize_act_ref(got)
+    assert np.array_equal(nxt.xq8.copy_to_host()[:T], q), f"seed {SEED}"
+    np.testing.assert_allclose(nxt.xd.copy_to_host()[:T], d, rtol=1e-6)
+    assert np.array_equal(nxt.xs.copy_to_host()[:T], q.reshape(T, -1, 16).astype(np.int32).sum(2))
 
 
 @pytest.mark.skipif(ptx.SIM, reason="every type: minutes under the simulator (its three are above)")

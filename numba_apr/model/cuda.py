@@ -31,7 +31,7 @@ from ..kernels.cuda.launch import view_once
 from ..kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table, rows_argmax)
 from ..kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
-                                   qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
+                                   gated_takes, qmatmul, qmatmul_gated, qmatmul_quant, qmatmul_rope, upload)
 from .cpu import Weights
 from ..sampling import _argmax
 
@@ -137,7 +137,7 @@ class DeviceState:
         self.ffn = cuda.device_array((B, 2 * c.n_ff), f32)         # [gate | up]
         widest = max(c.n_embd, c.n_ff, c.n_head * c.head_dim_v)
         self.act = ActBuffers.allocate(B, widest)                  # quantized input of a product
-        self.act1 = ActBuffers.allocate(1, widest)                 # decoding: the other of two (see forward)
+        self.act1 = ActBuffers.allocate(n_seq, widest)             # decoding: the other of two (see forward)
         self.ss = cuda.device_array(c.n_embd // 32, f32)           # decoding: sums of squares of x per 32
         self.logits = cuda.device_array((1, c.n_vocab), f32)       # next-token logits
         self.all_logits = None                                     # [n_batch, n_vocab], made when first asked
@@ -222,7 +222,8 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
     act_mode = MODE_GELU if c.act == "gelu" else MODE_SILU
     fuse = T == 1 and inp.rows is None and w.fusable
     qin_attn, qin_ffn = fuse and c.n_embd <= QIN_QKV_MAX_K, fuse and c.n_embd <= QIN_MAX_K
-    qa, qb = (s.act, s.act1) if fuse else (s.act, s.act)
+    batched = inp.rows is not None
+    qa, qb = (s.act, s.act1) if fuse or batched else (s.act, s.act)
     embed(x, inp.tokens, w.token_embd, T, c.embd_scale, stream)
     a = None
 
@@ -246,7 +247,7 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # (decoding, one sequence or several, attention quantizes its output for w_o itself)
         a = attention(s.att, s.q, inp.k_layer[l], inp.v_layer[l], inp.pos, T, c.n_head, c.n_head_kv, c.head_dim,
                       c.head_dim_v, c.attn_scale, plan.window, stream, inp.att_ws,
-                      qb if fuse or inp.rows is not None else None, short, inp.rows)
+                      qb if fuse or batched else None, short, inp.rows)
         if a is None:
             a = quantize_act(qb, s.att, T, stream)
         a = _residual(x, s, L.wo, a, L.post_attn_norm, L.ffn_norm, eps, T, stream, qa, fuse, qin_ffn)
@@ -254,8 +255,8 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
         # Feed-forward block: norm+quantize, gate/up in one product, act(gate)*up+quantize, down.
         if a is None:
             a = normed(L.ffn_norm, qin_ffn)
-        if fuse and len(L.gate_up) == 1:
-            a = qmatmul_gated(L.gate_up[0][0], a, stream, qb, act_mode)
+        if len(L.gate_up) == 1 and (fuse or (batched and gated_takes(L.gate_up[0][0], T))):
+            a = qmatmul_gated(L.gate_up[0][0], a, stream, qb, act_mode, T)
         else:
             _project(s.ffn, L.gate_up, a, T, stream)
             a = quantize_act(qb, s.gate, T, stream, act_mode, src2=s.up)

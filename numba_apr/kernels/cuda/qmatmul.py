@@ -81,7 +81,7 @@ _KERNELS: dict = {}
 def _kernel(qtype: int, NT: int = 1, tc: bool = False, epi=None, plan=None, qtype2=None, qin=False, local=False,
             x16=False, few=None):
     """The product for a type: on the tensor cores (tc: a prompt's; few: a few tokens', with
-    _few_plan's (KS, TR)), or the decode kernel for NT tokens with
+    _few_plan's (KS, TR) and whether gated), or the decode kernel for NT tokens with
     epilogue `epi` and `plan` (see _plan) (and a second matrix's type; qin: it quantizes its
     input itself; x16: its input has a scale per 16), or with epi "head" the output head's,
     plan (UNROLL, LW)."""
@@ -128,10 +128,7 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
     if T >= FEW_MIN_T:
-        KS, TR = _few_plan(n_units, m.rows)
-        launch(_kernel(m.qtype, few=(KS, TR)), (-(-m.rows // (16 * TR)), -(-T // 8)), 32 * KS * TR, stream,
-               out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
-               act.xq, act.xd, act.xs, T, bias, accumulate)
+        _few(out, m, act, T, stream, bias, accumulate, col, _few_plan(n_units, m.rows))
         return
     # One token, or two (a batched decode step, a short prompt): the decode kernel, each weight
     # unit loaded once for up to MAX_NT tokens
@@ -152,10 +149,33 @@ def qmatmul_quant(out, m: DeviceMatrix, act, stream, dst, norm_w=None, ss=None, 
     return d if ss is None else d.pending(ss, eps)
 
 
-def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode):
-    """Decoding, m = [gate; up] rows: act(x . gate) * (x . up) into dst (float, and q8 with a
-    scale per GATED_GROUP values); returns its view."""
+def _few(out, m: DeviceMatrix, act, T, stream, bias, accumulate, col, plan, dst=None, mode=0):
+    """The few-token tensor-core kernel with _few_plan's plan (KS, TR); with dst, the gated one
+    (plan (1, 2)) into dst's float and q8 views."""
+    KS, TR = plan
+    rows = m.rows // 2 if dst is not None else m.rows
+    q = act if dst is None else dst
+    launch(_kernel(m.qtype, few=(KS, TR, dst is not None)), (-(-rows // (16 * TR)), -(-T // 8)), 32 * KS * TR,
+           stream, out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, m.K // 32,
+           act.xq, act.xd, act.xs, T, bias, accumulate, m.rows // 2, mode, q.xq8, q.xd, q.xs)
+
+
+def gated_takes(m: DeviceMatrix, T: int) -> bool:
+    """Whether qmatmul_gated takes T tokens through [gate; up] matrix m: one (the decode kernel),
+    or FEW_MIN_T <= T < MMA_MIN_T (the few-token kernel; its blocks are q8 blocks of 32 rows)."""
+    return T == 1 or (FEW_MIN_T <= T < MMA_MIN_T and m.rows % 64 == 0)
+
+
+def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode, T=1):
+    """m = [gate; up] rows: act(x . gate) * (x . up) into dst (float, and q8 with a scale per
+    GATED_GROUP values decoding one token, per 32 for several: see gated_takes); returns its
+    view."""
     half = m.rows // 2
+    if T > 1:
+        assert gated_takes(m, T) and act.nw is None
+        d = dst.cols(half)
+        _few(d.xf, m, act, T, stream, act.empty, False, 0, (1, 2), d, mode)
+        return d
     d = dst.cols(half, x16=GATED_GROUP == 16)
     _decode(EPI_GATED, d.xf, m, act, stream, act.empty, False, 0, half, half, mode, act.empty, d)
     return d

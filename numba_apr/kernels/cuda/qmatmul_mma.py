@@ -20,6 +20,7 @@ from ..._numba import cuda_jit
 from . import ptx
 from .launch import overlapped
 from .qmatmul_decode import _env_int
+from .q8 import gated, quant32
 from .qmatrix import _store
 
 
@@ -277,22 +278,31 @@ def _few_plan(n_units: int, rows: int) -> tuple[int, int]:
     return KS, max(1, 4 // KS)
 
 
-def _make_few_kernel(unit, K32, KS, TR):
+def _make_few_kernel(unit, K32, KS, TR, GATED=False):
     """The few-token tensor-core product: TR row tiles of 16 a block, each over KS warps (K steps
-    kw, kw + KS, ... of MMA_K values); grid (row blocks, token groups of 8)."""
-    assert MMA_K == 128
+    kw, kw + KS, ... of MMA_K values); grid (row blocks, token groups of 8). GATED (KS = 1, TR =
+    2): rows [0, half) are gate, [half, 2 half) up (one matrix); each warp takes a gate tile and
+    its up tile, and the block's 32 outputs act(gate) * up a token are one q8 block, which it
+    quantizes (float into qf, q8 into q8 / qd / qs: the next product's input) without a
+    quantizer launch after it."""
+    assert MMA_K == 128 and (not GATED or (KS == 1 and TR == 2))
     NW = TR * KS                     # warps a block (plain constants: array shapes)
+    NTL = 2 if GATED else 1          # row tiles a warp: gate and up
+    NU = 2 * NTL                     # units a lane a step
+    NACC = 4 * NTL
     SW, SC = FEW_SW, FEW_SC
 
     @cuda_jit(device=True, inline=True)
-    def fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, s, rl, uu):
-        """Step s's two units of this lane (rows rl and rl + 8 of the tile, unit 4 s + uu) into
-        registers; units past the row's end weigh 0, their halves at column 32 uu, + 16."""
+    def fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, half, n_units, s, rl, uu):
+        """Step s's units of this lane (rows rl and rl + 8 of the tile, and of the up tile half
+        rows on; unit 4 s + uu) into registers; units past the row's end weigh 0, their halves
+        at column 32 uu, + 16."""
         u = 4 * s + uu
         ok = u < n_units
-        for i in range(2):
+        for i in range(NU):
             l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
-                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl + 8 * i, rows - 1), min(u, n_units - 1))
+                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl + 8 * (i & 1) + half * (i >> 1), rows - 1),
+                min(u, n_units - 1))
             qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
             qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
             fa[i, 0] = d0 if ok else np.float32(0.0)
@@ -304,9 +314,9 @@ def _make_few_kernel(unit, K32, KS, TR):
 
     @cuda_jit(device=True, inline=True)
     def put(qa, fa, ea, warp, rl, sA, sD, sM):
-        """fetch's registers into the warp's tile: quants by their column, d and m by k16 slice."""
-        for i in range(2):
-            row = rl + 8 * i
+        """fetch's registers into the warp's tiles: quants by their column, d and m by k16 slice."""
+        for i in range(NU):
+            row = rl + 8 * (i & 1) + 16 * (i >> 1)
             j = ea[i, 0] >> 2
             sA[warp, row, j], sA[warp, row, j + 1], sA[warp, row, j + 2], sA[warp, row, j + 3] = (
                 qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3])
@@ -317,45 +327,61 @@ def _make_few_kernel(unit, K32, KS, TR):
             sD[warp, row, ea[i, 1] >> 4], sM[warp, row, ea[i, 1] >> 4] = fa[i, 2], fa[i, 3]
 
     @cuda_jit(device=True, inline=True)
-    def scale(acc, c0, c1, c2, c3, dA, mA, dB, mB, xa, xb, sa, sb):
-        """acc += the int32 results for rows (g, g + 8) x tokens (2q, 2q + 1): xd (d dot + m sum)."""
-        acc[0] += mA * sa
-        acc[0] += xa * dA * np.float32(c0)
-        acc[1] += mA * sb
-        acc[1] += xb * dA * np.float32(c1)
-        acc[2] += mB * sa
-        acc[2] += xa * dB * np.float32(c2)
-        acc[3] += mB * sb
-        acc[3] += xb * dB * np.float32(c3)
+    def scale(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, xa, xb, sa, sb):
+        """acc[i..i+4] += the int32 results for rows (g, g + 8) x tokens (2q, 2q + 1): xd (d dot
+        + m sum)."""
+        acc[i] += mA * sa
+        acc[i] += xa * dA * np.float32(c0)
+        acc[i + 1] += mA * sb
+        acc[i + 1] += xb * dA * np.float32(c1)
+        acc[i + 2] += mB * sa
+        acc[i + 2] += xa * dB * np.float32(c2)
+        acc[i + 3] += mB * sb
+        acc[i + 3] += xb * dB * np.float32(c3)
+
+    @cuda_jit(device=True, inline=True)
+    def tile32(acc, i, warp, ra, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM):
+        """A tile's rows (ra, ra + 8) x the 8 tokens over k32 slice kk, into acc[i..i+4]."""
+        c0, c1, c2, c3 = ptx.mma_s8_k32(sA[warp, ra, 8 * kk + q], sA[warp, ra + 8, 8 * kk + q],
+                                        sA[warp, ra, 8 * kk + 4 + q], sA[warp, ra + 8, 8 * kk + 4 + q], b0, b1)
+        scale(acc, i, c0, c1, c2, c3, sD[warp, ra, 2 * kk], sM[warp, ra, 2 * kk], sD[warp, ra + 8, 2 * kk],
+              sM[warp, ra + 8, 2 * kk], xa, xb, sa, sb)
+
+    @cuda_jit(device=True, inline=True)
+    def tile16(acc, i, warp, ra, q, kk, b0, xa, xb, sa, sb, sA, sD, sM):
+        """The same over k16 slice kk (Q6_K)."""
+        c0, c1, c2, c3 = ptx.mma_s8(sA[warp, ra, 4 * kk + q], sA[warp, ra + 8, 4 * kk + q], b0)
+        scale(acc, i, c0, c1, c2, c3, sD[warp, ra, kk], sM[warp, ra, kk], sD[warp, ra + 8, kk], sM[warp, ra + 8, kk],
+              xa, xb, sa, sb)
 
     @cuda_jit(device=True, inline=True)
     def multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs):
-        """Step s: the warp's tile times the 8 tokens (written per slice; 4 k32 or 8 k16 mma)."""
+        """Step s: the warp's tiles times the 8 tokens (4 k32 or 8 k16 mma a tile)."""
         if K32:      # both k16 slices of each 32 values share d and m: one k32 mma, one scaling
             for kk in range(4):
                 u = min(4 * s + kk, n_units - 1)
-                c0, c1, c2, c3 = ptx.mma_s8_k32(
-                    sA[warp, g, 8 * kk + q], sA[warp, g + 8, 8 * kk + q],
-                    sA[warp, g, 8 * kk + 4 + q], sA[warp, g + 8, 8 * kk + 4 + q],
-                    xq[tg, 8 * u + q], xq[tg, 8 * u + 4 + q])
+                b0, b1 = xq[tg, 8 * u + q], xq[tg, 8 * u + 4 + q]
                 xa, xb = xd[ta, u], xd[tb, u]
-                scale(acc, c0, c1, c2, c3, sD[warp, g, 2 * kk], sM[warp, g, 2 * kk],
-                      sD[warp, g + 8, 2 * kk], sM[warp, g + 8, 2 * kk], xa, xb,
-                      xa * np.float32(xs[ta, 2 * u] + xs[ta, 2 * u + 1]),
-                      xb * np.float32(xs[tb, 2 * u] + xs[tb, 2 * u + 1]))
+                sa = xa * np.float32(xs[ta, 2 * u] + xs[ta, 2 * u + 1])
+                sb = xb * np.float32(xs[tb, 2 * u] + xs[tb, 2 * u + 1])
+                tile32(acc, 0, warp, g, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
+                if NTL == 2:     # (written out: acc's indices stay constants, acc in registers)
+                    tile32(acc, 4, warp, g + 16, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
         else:        # Q6_K: a scale per 16
             for kk in range(8):
                 u = min(4 * s + (kk >> 1), n_units - 1)
                 h = 2 * u + (kk & 1)
-                c0, c1, c2, c3 = ptx.mma_s8(sA[warp, g, 4 * kk + q], sA[warp, g + 8, 4 * kk + q],
-                                            xq[tg, 4 * h + q])
+                b0 = xq[tg, 4 * h + q]
                 xa, xb = xd[ta, u], xd[tb, u]
-                scale(acc, c0, c1, c2, c3, sD[warp, g, kk], sM[warp, g, kk], sD[warp, g + 8, kk],
-                      sM[warp, g + 8, kk], xa, xb, xa * np.float32(xs[ta, h]), xb * np.float32(xs[tb, h]))
+                sa, sb = xa * np.float32(xs[ta, h]), xb * np.float32(xs[tb, h])
+                tile16(acc, 0, warp, g, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
+                if NTL == 2:
+                    tile16(acc, 4, warp, g + 16, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
 
     @overlapped
     @cuda_jit
-    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out):
+    def kernel(out, col, w, o_qh, o_sc, s_qs, s_qh, s_sc, rows, n_units, xq, xd, xs, T, bias, accumulate_out,
+               half, mode, q8, qd, qs):
         tid = cuda.threadIdx.x
         lane = tid & 31
         g = lane >> 2
@@ -369,24 +395,24 @@ def _make_few_kernel(unit, K32, KS, TR):
         tb = min(t0 + 2 * q + 1, T - 1)
         rl = lane >> 2                   # this lane's units: rows rl, rl + 8, unit uu of a step
         uu = lane & 3
-        sA = cuda.shared.array((NW, 16, SW), np.uint32)
-        sD = cuda.shared.array((NW, 16, SC), np.float32)
-        sM = cuda.shared.array((NW, 16, SC), np.float32)
-        qa = cuda.local.array((2, 8), np.uint32)
-        fa = cuda.local.array((2, 4), np.float32)
-        ea = cuda.local.array((2, 2), np.int64)
-        acc = cuda.local.array(4, np.float32)
-        for j in range(4):
+        sA = cuda.shared.array((NW, 16 * NTL, SW), np.uint32)
+        sD = cuda.shared.array((NW, 16 * NTL, SC), np.float32)
+        sM = cuda.shared.array((NW, 16 * NTL, SC), np.float32)
+        qa = cuda.local.array((NU, 8), np.uint32)
+        fa = cuda.local.array((NU, 4), np.float32)
+        ea = cuda.local.array((NU, 2), np.int64)
+        acc = cuda.local.array(NACC, np.float32)
+        for j in range(NACC):
             acc[j] = 0.0
         # The first step's weights are loaded before waiting for the kernel ahead (launch.py).
-        fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, kw, rl, uu)
+        fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, half, n_units, kw, rl, uu)
         ptx.grid_dep()
         trips = -(-(-(-n_units // 4)) // KS)   # the same for every warp (the simulator's mma is a
         for i in range(trips):                  # block collective); steps past K weigh 0
             s = kw + i * KS
             put(qa, fa, ea, warp, rl, sA, sD, sM)
             ptx.syncwarp()
-            fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, n_units, s + KS, rl, uu)
+            fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, half, n_units, s + KS, rl, uu)
             multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs)
             ptx.syncwarp()
         if KS > 1:                       # the K shares of a row tile, added in shared memory
@@ -400,7 +426,21 @@ def _make_few_kernel(unit, K32, KS, TR):
                     for k in range(KS):
                         v += part[warp + k, j, lane]
                     acc[j] = v
-        if kw == 0:
+        if GATED:
+            # act(gate) * up: out is the float view (qf); the block's 32 rows x 8 tokens are
+            # gathered in shared memory, and each warp quantizes 4 tokens' q8 block (blockIdx.x)
+            vals = cuda.shared.array((8, 32), np.float32)
+            for j in range(4):
+                v = gated(acc[j], acc[4 + j], mode)
+                tl = 2 * q + (j & 1)
+                vals[tl, 16 * warp + g + 8 * (j >> 1)] = v
+                if t0 + tl < T:
+                    out[t0 + tl, r0 + g + 8 * (j >> 1)] = v
+            cuda.syncthreads()
+            for k in range(4):           # (block-uniform: quant32 is a collective)
+                tl = 4 * warp + k
+                quant32(vals[tl, lane], t0 + tl < T, q8, qd, qs, min(t0 + tl, T - 1), cuda.blockIdx.x)
+        elif kw == 0:
             for j in range(4):
                 r = r0 + g + 8 * (j >> 1)
                 t = t0 + 2 * q + (j & 1)
