@@ -41,6 +41,17 @@ def run_product(raw, name, K, x, accumulate_into=None, bias=None, col=0):
     return got[:, col:col + N]
 
 
+def check_bias_and_accumulate(rng, name, N, K, T):
+    """An N x K product of T tokens with a bias, added into a residual, into columns 2.. of a
+    wider output, against the reference."""
+    raw = case(rng, name, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
+    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+
+
 def check(got, want, K):
     # float32 sums of exact integer dots: error ~ sqrt(K) ulps of the terms
     scale = np.abs(want).max() + 1e-30
@@ -73,16 +84,10 @@ def test_decode_rows_of_several_trips(rng, monkeypatch, plan, T):
 def test_prompt_tile_bias_and_accumulate(rng, monkeypatch, name):
     """1 < T < FEW_MIN_T goes through the decode kernel in groups of MAX_NT tokens (a partial one
     too: FEW_MIN_T raised for it); bias and residual add."""
-    K = 256 if name.endswith("_K") else 64
-    raw = case(rng, name, 5, K)
     T = qm.MAX_NT + 2
     monkeypatch.setattr(qm, "FEW_MIN_T", T + 1)
     assert T < qm.MMA_MIN_T
-    x = rng.standard_normal((T, K)).astype(np.float32)
-    res = rng.standard_normal((T, 5)).astype(np.float32)
-    bias = rng.standard_normal(5).astype(np.float32)
-    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
-    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+    check_bias_and_accumulate(rng, name, 5, 256 if name.endswith("_K") else 64, T)
 
 
 @pytest.mark.parametrize("name,T,plan", [("Q4_K", 3, None), ("Q6_K", 8, (2, 2)), ("Q5_0", 11, (4, 1))])
@@ -97,12 +102,7 @@ def test_few_tokens_tensor_cores(rng, monkeypatch, name, T, plan):
         monkeypatch.setattr(qm, "_few_plan", lambda n_units, rows: plan)
     K = 4 * qm.MMA_K if name.endswith("_K") else 2 * qm.MMA_K + 32   # (Q5_0: 9 units, the 3rd step partial)
     N = 16 + 5
-    raw = case(rng, name, N, K)
-    x = rng.standard_normal((T, K)).astype(np.float32)
-    res = rng.standard_normal((T, N)).astype(np.float32)
-    bias = rng.standard_normal(N).astype(np.float32)
-    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
-    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+    check_bias_and_accumulate(rng, name, N, K, T)
     assert [key[-1] for key in qm._KERNELS] == [(*(plan or qm._few_plan(K // 32, N)), False)]
 
 
@@ -387,13 +387,7 @@ def test_prompt_product_tensor_cores(rng, name):
     residual add, into columns `col` onwards of a wider output."""
     K = 2 * qm.MMA_K if name.endswith("_K") else qm.MMA_K + 32
     WR, WT = qm.mma_tiles()
-    N, T = 16 * WR + 6, 8 * qm.MMA_NTILE * WT + 4
-    raw = case(rng, name, N, K)
-    x = rng.standard_normal((T, K)).astype(np.float32)
-    res = rng.standard_normal((T, N)).astype(np.float32)
-    bias = rng.standard_normal(N).astype(np.float32)
-    want = qm.qmatmul_ref(raw, Q[name], K, x) + bias + res
-    check(run_product(raw, name, K, x, accumulate_into=res.copy(), bias=bias, col=2), want, K)
+    check_bias_and_accumulate(rng, name, 16 * WR + 6, K, 8 * qm.MMA_NTILE * WT + 4)
 
 
 def test_prompt_product_gpu_tiles(rng):

@@ -55,12 +55,25 @@ def mma_tiles() -> tuple[int, int]:
 _MMA_TILES: list = []
 
 
-@cuda_jit(device=True)
-def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
-    """acc[i..i+4] += the int32 mma result of rows (A, B) x tokens (ta, ta+1), scaled:
-    xd * (d * dot + m * sum(xq)), with xd * sum(xq) staged in sS (buffer p)."""
-    xa, xb = sX[p, ta, kx], sX[p, ta + 1, kx]
-    sa, sb = sS[p, ta, ks], sS[p, ta + 1, ks]
+@cuda_jit(device=True, inline=True)
+def _hold(qa, fa, ea, i, v, ok, base, pad):
+    """A unit as qmatrix.py's loaders give it (v) into register slot i: its quants, its halves'
+    d and m (0 where not ok: past the row's end) and columns from `base` (pad, pad + 16 where
+    not ok), as `put` stores them into a shared tile."""
+    qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = v[0], v[1], v[2], v[3]
+    qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = v[4], v[5], v[6], v[7]
+    fa[i, 0] = v[8] if ok else np.float32(0.0)
+    fa[i, 1] = v[9] if ok else np.float32(0.0)
+    fa[i, 2] = v[10] if ok else np.float32(0.0)
+    fa[i, 3] = v[11] if ok else np.float32(0.0)
+    ea[i, 0] = v[12] - base if ok else pad
+    ea[i, 1] = v[13] - base if ok else pad + 16
+
+
+@cuda_jit(device=True, inline=True)
+def _scale(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, xa, xb, sa, sb):
+    """acc[i..i+4] += the int32 mma results c of rows (A, B) x tokens (a, b), scaled: with the
+    rows' d and m, the tokens' scale x and x * sum(xq) s, x * (d * dot + m * sum(xq))."""
     acc[i] += mA * sa                     # (two fma a value)
     acc[i] += xa * dA * np.float32(c0)
     acc[i + 1] += mA * sb
@@ -69,6 +82,12 @@ def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
     acc[i + 2] += xa * dB * np.float32(c2)
     acc[i + 3] += mB * sb
     acc[i + 3] += xb * dB * np.float32(c3)
+
+
+@cuda_jit(device=True)
+def _scale4(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX, sS, p, ta, kx, ks):
+    """_scale with the tokens' (ta, ta+1) scales and xd * sum(xq) staged in sX / sS (buffer p)."""
+    _scale(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, sX[p, ta, kx], sX[p, ta + 1, kx], sS[p, ta, ks], sS[p, ta + 1, ks])
 
 
 def _make_mma_kernel(unit, K32, WR, WT):
@@ -124,17 +143,9 @@ def _make_mma_kernel(unit, K32, WR, WT):
         for i in range(NAI):
             idx = min(i * NTHR + tid, NA - 1)
             u = ku + idx % U
-            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
-                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + idx // U, rows - 1), min(u, n_units - 1))
-            ok = u < n_units   # (only types of 32-value blocks have a K that KSTEP does not divide)
-            qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
-            qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
-            fa[i, 0] = d0 if ok else np.float32(0.0)
-            fa[i, 1] = m0 if ok else np.float32(0.0)
-            fa[i, 2] = d1 if ok else np.float32(0.0)
-            fa[i, 3] = m1 if ok else np.float32(0.0)
-            ea[i, 0] = e0 - 32 * ku if ok else 32 * (u - ku)
-            ea[i, 1] = e1 - 32 * ku if ok else 32 * (u - ku) + 16
+            # (only types of 32-value blocks have a K that KSTEP does not divide)
+            _hold(qa, fa, ea, i, unit(w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + idx // U, rows - 1),
+                                      min(u, n_units - 1)), u < n_units, 32 * ku, 32 * (u - ku))
 
     @cuda_jit(device=True)
     def put(p, tid, bw, sx, ss, qa, fa, ea, sA, sD, sM, sB, sX, sS):
@@ -300,17 +311,9 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
         u = 4 * s + uu
         ok = u < n_units
         for i in range(NU):
-            l0, l1, l2, l3, h0, h1, h2, h3, d0, m0, d1, m1, e0, e1 = unit(
-                w, o_qh, o_sc, s_qs, s_qh, s_sc, min(r0 + rl + 8 * (i & 1) + half * (i >> 1), rows - 1),
-                min(u, n_units - 1))
-            qa[i, 0], qa[i, 1], qa[i, 2], qa[i, 3] = l0, l1, l2, l3
-            qa[i, 4], qa[i, 5], qa[i, 6], qa[i, 7] = h0, h1, h2, h3
-            fa[i, 0] = d0 if ok else np.float32(0.0)
-            fa[i, 1] = m0 if ok else np.float32(0.0)
-            fa[i, 2] = d1 if ok else np.float32(0.0)
-            fa[i, 3] = m1 if ok else np.float32(0.0)
-            ea[i, 0] = e0 - 128 * s if ok else 32 * uu
-            ea[i, 1] = e1 - 128 * s if ok else 32 * uu + 16
+            _hold(qa, fa, ea, i, unit(w, o_qh, o_sc, s_qs, s_qh, s_sc,
+                                      min(r0 + rl + 8 * (i & 1) + half * (i >> 1), rows - 1), min(u, n_units - 1)),
+                  ok, 128 * s, 32 * uu)
 
     @cuda_jit(device=True, inline=True)
     def put(qa, fa, ea, warp, rl, sA, sD, sM):
@@ -327,31 +330,18 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
             sD[warp, row, ea[i, 1] >> 4], sM[warp, row, ea[i, 1] >> 4] = fa[i, 2], fa[i, 3]
 
     @cuda_jit(device=True, inline=True)
-    def scale(acc, i, c0, c1, c2, c3, dA, mA, dB, mB, xa, xb, sa, sb):
-        """acc[i..i+4] += the int32 results for rows (g, g + 8) x tokens (2q, 2q + 1): xd (d dot
-        + m sum)."""
-        acc[i] += mA * sa
-        acc[i] += xa * dA * np.float32(c0)
-        acc[i + 1] += mA * sb
-        acc[i + 1] += xb * dA * np.float32(c1)
-        acc[i + 2] += mB * sa
-        acc[i + 2] += xa * dB * np.float32(c2)
-        acc[i + 3] += mB * sb
-        acc[i + 3] += xb * dB * np.float32(c3)
-
-    @cuda_jit(device=True, inline=True)
     def tile32(acc, i, warp, ra, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM):
         """A tile's rows (ra, ra + 8) x the 8 tokens over k32 slice kk, into acc[i..i+4]."""
         c0, c1, c2, c3 = ptx.mma_s8_k32(sA[warp, ra, 8 * kk + q], sA[warp, ra + 8, 8 * kk + q],
                                         sA[warp, ra, 8 * kk + 4 + q], sA[warp, ra + 8, 8 * kk + 4 + q], b0, b1)
-        scale(acc, i, c0, c1, c2, c3, sD[warp, ra, 2 * kk], sM[warp, ra, 2 * kk], sD[warp, ra + 8, 2 * kk],
+        _scale(acc, i, c0, c1, c2, c3, sD[warp, ra, 2 * kk], sM[warp, ra, 2 * kk], sD[warp, ra + 8, 2 * kk],
               sM[warp, ra + 8, 2 * kk], xa, xb, sa, sb)
 
     @cuda_jit(device=True, inline=True)
     def tile16(acc, i, warp, ra, q, kk, b0, xa, xb, sa, sb, sA, sD, sM):
         """The same over k16 slice kk (Q6_K)."""
         c0, c1, c2, c3 = ptx.mma_s8(sA[warp, ra, 4 * kk + q], sA[warp, ra + 8, 4 * kk + q], b0)
-        scale(acc, i, c0, c1, c2, c3, sD[warp, ra, kk], sM[warp, ra, kk], sD[warp, ra + 8, kk], sM[warp, ra + 8, kk],
+        _scale(acc, i, c0, c1, c2, c3, sD[warp, ra, kk], sM[warp, ra, kk], sD[warp, ra + 8, kk], sM[warp, ra + 8, kk],
               xa, xb, sa, sb)
 
     @cuda_jit(device=True, inline=True)
