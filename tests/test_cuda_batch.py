@@ -97,14 +97,17 @@ def test_rows_argmax_is_the_hosts_greedy_choice(rng):
 
 
 @pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
-def test_eval_batch_matches_each_sequence_alone(rng, arch):
+@pytest.mark.parametrize("arch,few", [("qwen2", False), ("gemma3", False), ("qwen2", True), ("gemma3", True)])
+def test_eval_batch_matches_each_sequence_alone(rng, monkeypatch, arch, few):
     """The server's step on the GPU: prompt chunks of three sequences and then decode steps of
     1, 2 and 3 of them at once (graphs of batch sizes 1 (fused), 2 and 4 (padded)), each row's
-    logits against that sequence evaluated alone from position 0."""
+    logits against that sequence evaluated alone from position 0; `few`: the B = 4 step's
+    products (and its gated product) on the few-token tensor-core kernel."""
     from test_cuda_model import close, tiny_config, tiny_weights
 
+    from numba_apr.kernels.cuda import qmatmul as qm
     from numba_apr.model.cuda import CudaRunner
+    monkeypatch.setattr(qm, "FEW_MIN_T", 3 if few else qm.MMA_MIN_T)
     c = tiny_config(arch)
     w = tiny_weights(rng, c)
     n_ctx, n_seq = 16, 3

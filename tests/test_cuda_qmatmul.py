@@ -96,6 +96,7 @@ def test_few_tokens_tensor_cores(rng, monkeypatch, name, T, plan):
     second partial), K over three or four steps (a partial one for the 32-value types), a token
     group of 8 (and a partial second one at T = 11), K split over 2 and 4 warps; bias and
     residual add, into columns `col` onwards."""
+    monkeypatch.setattr(qm, "FEW_MIN_T", 3)   # (off by default until timed on a GPU)
     assert qm.FEW_MIN_T <= T < qm.MMA_MIN_T
     monkeypatch.setattr(qm, "_KERNELS", {})
     if plan:
@@ -108,11 +109,12 @@ def test_few_tokens_tensor_cores(rng, monkeypatch, name, T, plan):
 
 @pytest.mark.parametrize("name,mode,T", [("Q4_K", ops.MODE_SILU, 3), ("Q6_K", ops.MODE_GELU, 8),
                                          ("Q5_0", ops.MODE_SILU, 10)])
-def test_few_tokens_gated(rng, name, mode, T):
+def test_few_tokens_gated(rng, monkeypatch, name, mode, T):
     """A batched decode step's [gate; up] product of a few tokens (qmatmul_gated with T > 1): the
     float act(gate . x) * (up . x) and its q8 (a scale per 32), made by the block whose 32 rows
     are the q8 block; two blocks, a partial second token group at T = 10."""
     from numba_apr.kernels.cpu.ops import gated_act_ref
+    monkeypatch.setattr(qm, "FEW_MIN_T", 3)
     K, half = (256, 64) if name.endswith("_K") else (160, 64)
     raw = case(rng, name, 2 * half, K)
     x = rng.standard_normal((T, K)).astype(np.float32)
@@ -135,7 +137,8 @@ def test_few_tokens_gated(rng, name, mode, T):
 
 @pytest.mark.skipif(ptx.SIM, reason="every type: minutes under the simulator (its three are above)")
 @pytest.mark.parametrize("name", TYPES[:8])
-def test_few_tokens_tensor_cores_every_type(rng, name):
+def test_few_tokens_tensor_cores_every_type(rng, monkeypatch, name):
+    monkeypatch.setattr(qm, "FEW_MIN_T", 3)
     K = 512 if name.endswith("_K") else 96
     raw = case(rng, name, 40, K)
     x = rng.standard_normal((8, K)).astype(np.float32)

@@ -274,7 +274,10 @@ def _make_mma_kernel(unit, K32, WR, WT):
 # where every warp of the card reads the same few KB. The next step's units are loaded while a
 # step multiplies. Rows too few to fill the card have K split over KS warps (`_few_plan`),
 # which add up in shared memory. T > 8: blocks along y take 8 tokens each.
-FEW_MIN_T = _env_int("NUMBA_APR_FEW_MIN_T", 3)   # from this many tokens up (below MMA_MIN_T)
+# From FEW_MIN_T tokens up (below MMA_MIN_T). Off (= MMA_MIN_T) by default: written and tested
+# under the simulator, not yet run or timed on a GPU (docs/experiments.md#a-few-tokens-on-the-tensor-cores);
+# NUMBA_APR_FEW_MIN_T=3 turns it on, for the step's products and its gated product.
+FEW_MIN_T = _env_int("NUMBA_APR_FEW_MIN_T", MMA_MIN_T)
 FEW_WARPS = _env_int("NUMBA_APR_FEW_WARPS", 1056)  # split K while row tiles x KS stay within this
 FEW_SW = 36                  # words a row of a warp's tile: 32 (128 values) + 4, which puts the
                              # 32 lanes' fragment loads (row g, word 8kk + q) on 32 banks
