@@ -300,10 +300,12 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
     quantizes (float into qf, q8 into q8 / qd / qs: the next product's input) without a
     quantizer launch after it."""
     assert MMA_K == 128 and (not GATED or (KS == 1 and TR == 2))
-    NW = TR * KS                     # warps a block (plain constants: array shapes)
+    NW = TR * KS                     # warps a block (sizes as plain constants: numba.cuda takes
+                                     # no expression for an array's shape; the simulator does)
     NTL = 2 if GATED else 1          # row tiles a warp: gate and up
     NU = 2 * NTL                     # units a lane a step
     NACC = 4 * NTL
+    NRT = 16 * NTL                   # rows of a warp's shared tiles
     SW, SC = FEW_SW, FEW_SC
 
     @cuda_jit(device=True, inline=True)
@@ -388,9 +390,9 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
         tb = min(t0 + 2 * q + 1, T - 1)
         rl = lane >> 2                   # this lane's units: rows rl, rl + 8, unit uu of a step
         uu = lane & 3
-        sA = cuda.shared.array((NW, 16 * NTL, SW), np.uint32)
-        sD = cuda.shared.array((NW, 16 * NTL, SC), np.float32)
-        sM = cuda.shared.array((NW, 16 * NTL, SC), np.float32)
+        sA = cuda.shared.array((NW, NRT, SW), np.uint32)
+        sD = cuda.shared.array((NW, NRT, SC), np.float32)
+        sM = cuda.shared.array((NW, NRT, SC), np.float32)
         qa = cuda.local.array((NU, 8), np.uint32)
         fa = cuda.local.array((NU, 4), np.float32)
         ea = cuda.local.array((NU, 2), np.int64)
