@@ -212,10 +212,11 @@ def forward(c: Config, w: DeviceWeights, s: DeviceState, T: int, stream, all_log
 
     `a` is the next product's quantized input. Prompts quantize it in a launch of its own
     (quantize_act); a decode step gets it from the kernel that made the values (attention, a
-    product's epilogue: see q8.py), alternating between two buffers (qa, qb) so that
-    no kernel overwrites the input it reads, and rmsnorm(x) * w of the residual stream x is
-    quantized by the product that reads it (`qin_attn` for Q/K/V, `qin_ffn` for gate/up: see
-    qmatmul.QIN_MAX_K)."""
+    product's epilogue: see q8.py; a step of several sequences from attention, and from the
+    gated product where the few-token kernels take it), alternating between two buffers (qa,
+    qb) so that no kernel overwrites the input it reads; one sequence's rmsnorm(x) * w of the
+    residual stream x is quantized by the product that reads it (`qin_attn` for Q/K/V,
+    `qin_ffn` for gate/up: see qmatmul.QIN_MAX_K)."""
     x, eps = s.x, c.norm_eps
     inp = s.inputs if inp is None else inp
     nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim

@@ -127,12 +127,12 @@ def qmatmul(out, m: DeviceMatrix, act, T: int, stream, bias=None, accumulate=Fal
             out, col, m.w, m.o_qh, m.o_sc, m.s_qs, m.s_qh, m.s_sc, m.rows, n_units,
             act.xq, act.xd, act.xs, T, bias, accumulate)
         return
+    assert T == 1 or act.ss.shape[0] == 0, "a norm still to apply is one token's"
     if T >= FEW_MIN_T:
         _few(out, m, act, T, stream, bias, accumulate, col, _few_plan(n_units, m.rows))
         return
     # One token, or two (a batched decode step, a short prompt): the decode kernel, each weight
     # unit loaded once for up to MAX_NT tokens
-    assert T == 1 or act.ss.shape[0] == 0, "a norm still to apply is one token's"
     _decode(EPI_STORE, out, m, act, stream, bias, accumulate, col, m.rows, 0, 0, act.empty, act, T=T)
 
 
