@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -30,13 +31,22 @@ def main():
     ap.add_argument("--cc", default="9.0", help="compute capability to compile for")
     ap.add_argument("--site", help="a folder numba-cuda and its bindings were installed into (pip --target)")
     a = ap.parse_args()
+    try:
+        cc = tuple(int(x) for x in a.cc.split("."))
+        assert len(cc) == 2
+    except (ValueError, AssertionError):
+        sys.exit(f"--cc: a compute capability like 9.0, got {a.cc!r}")
+    if shutil.which("ptxas") is None:
+        sys.exit("ptxas is not on PATH (a CUDA toolkit's bin folder)")
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
     if a.site:
         site.addsitedir(a.site)
-    cc = tuple(int(x) for x in a.cc.split("."))
     from gguf import GGMLQuantizationType as Q
-    from numba import cuda, types
-    import numba.cuda.dispatcher as dispatcher
+    try:
+        from numba import cuda, types
+        import numba.cuda.dispatcher as dispatcher
+    except ImportError as e:
+        sys.exit(f"numba-cuda with its CUDA bindings is needed (see docs/development.md): {e}")
     # device functions ask the current device for its capability: there is none
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
     from numba_apr._numba import CUDA_OPTIONS

@@ -162,8 +162,9 @@ def _few(out, m: DeviceMatrix, act, T, stream, bias, accumulate, col, plan, dst=
 
 def gated_takes(m: DeviceMatrix, T: int) -> bool:
     """Whether qmatmul_gated takes T tokens through [gate; up] matrix m: one (the decode kernel),
-    or FEW_MIN_T <= T < MMA_MIN_T (the few-token kernel; its blocks are q8 blocks of 32 rows)."""
-    return T == 1 or (FEW_MIN_T <= T < MMA_MIN_T and m.rows % 64 == 0)
+    or FEW_MIN_T <= T < MMA_MIN_T of a quantized m (the few-token kernel, which reads weights
+    through qmatrix.py's units; its blocks are q8 blocks of 32 rows)."""
+    return T == 1 or (FEW_MIN_T <= T < MMA_MIN_T and m.qtype not in FLOAT_TYPES and m.rows % 64 == 0)
 
 
 def qmatmul_gated(m: DeviceMatrix, act, stream, dst, mode, T=1):

@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda
 
 from ..._numba import cuda_jit
+from ...errors import NumbaAprError
 from . import ptx
 from .launch import overlapped
 from .qmatmul_decode import _env_int
@@ -278,6 +279,8 @@ def _make_mma_kernel(unit, K32, WR, WT):
 # under the simulator, not yet run or timed on a GPU (docs/experiments.md#a-few-tokens-on-the-tensor-cores);
 # NUMBA_APR_FEW_MIN_T=3 turns it on, for the step's products and its gated product.
 FEW_MIN_T = _env_int("NUMBA_APR_FEW_MIN_T", MMA_MIN_T)
+if not 2 <= FEW_MIN_T <= MMA_MIN_T:   # (one token's inputs may be unquantized or per 16: the decode kernel's)
+    raise NumbaAprError(f"NUMBA_APR_FEW_MIN_T must be 2..{MMA_MIN_T} ({MMA_MIN_T}: off), got {FEW_MIN_T}")
 FEW_WARPS = _env_int("NUMBA_APR_FEW_WARPS", 1056)  # split K while row tiles x KS stay within this
 FEW_SW = 36                  # words a row of a warp's tile: 32 (128 values) + 4, which puts the
                              # 32 lanes' fragment loads (row g, word 8kk + q) on 32 banks
