@@ -154,7 +154,9 @@ def dequantized_q8(act, K):
     return q * d, d
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0"])
+# The epilogue does not depend on the weights' type (each type's units: the tests above); the
+# simulator takes ~50 s a K-quant here (256 x 256), so CI runs the 32-value type, a GPU all three.
+@pytest.mark.parametrize("name", ["Q5_0"] if ptx.SIM else ["Q4_K", "Q6_K", "Q5_0"])
 def test_decode_epilogue_quantizes_the_next_input(rng, name):
     """Decoding, x += W1 . a then a' = q8(x * w) with x's sums of squares per 32 (qmatmul_quant),
     and W2 . a' scaled by 1 / rms(x) (the norm the consumer finishes) = W2 . rmsnorm(x) * w."""
