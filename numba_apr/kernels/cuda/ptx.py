@@ -11,6 +11,10 @@ On a GPU these are inline PTX (llvmlite `InlineAsm`, through `numba.cuda.extendi
   `ld4_2d(a, i, j)` the same through a generic load (`ld.v4.s32`), for an array that may be
   in shared memory (16-byte aligned too: numba aligns a shared int32 array to 4 bytes only, so
   `aligned16` gives the view of a [1, n + 3] one that starts on a 16-byte boundary);
+* `at(a, i)`: a[i] of a 1-d array as a plain load, without numba's negative-index wraparound
+  (i >= 0 is the caller's promise): where a loop's index is not provably non-negative, the
+  wraparound's select and 64-bit arithmetic stop LLVM from turning the addresses into a base
+  plus constants (the few-token kernel's loop: 141 instructions an mma with it);
 * `ldcg(a, i, j, k, l)`: a[i, j, k, l] of a 4-d float32 array, read through L2 only
   (`ld.global.cg`): values other blocks of the same launch wrote (and fenced), which this
   multiprocessor's L1 might hold stale;
@@ -98,6 +102,10 @@ if SIM:
         return a[i, j, k, l]
 
     ld4_2d = ldg4_2d
+
+    def at(a, i):
+        assert i >= 0
+        return a[i]
 
     def aligned16(a):
         return a[:, :a.shape[1] - 3]
@@ -252,6 +260,20 @@ else:
         if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 2):
             return None
         return types.UniTuple(types.int32, 4)(a, types.intp, types.intp), _ldg4_codegen("s32", "ld")
+
+    @intrinsic
+    def at(typingctx, a, i):
+        if not (isinstance(a, types.Array) and a.ndim == 1 and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+            arr = context.make_array(sig.args[0])(context, builder, value=args[0])
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arr, [idx])   # (no wraparound)
+            return context.unpack_value(builder, sig.args[0].dtype, ptr)
+
+        return a.dtype(a, i), codegen
 
     @intrinsic
     def ldcg(typingctx, a, i, j, k, l):

@@ -353,28 +353,56 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
               xa, xb, sa, sb)
 
     @cuda_jit(device=True, inline=True)
-    def multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs):
-        """Step s: the warp's tiles times the 8 tokens (4 k32 or 8 k16 mma a tile)."""
-        if K32:      # both k16 slices of each 32 values share d and m: one k32 mma, one scaling
+    def k32(acc, u, kk, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM):
+        """k32 slice kk of the tiles (unit u of K) times the 8 tokens. xg: the q8 row of this
+        lane's B fragment's token; xda / xdb, xsa / xsb: its result tokens' scales and sums."""
+        b0, b1 = ptx.at(xg, 8 * u + q), ptx.at(xg, 8 * u + 4 + q)
+        xa, xb = ptx.at(xda, u), ptx.at(xdb, u)
+        sa = xa * (np.float32(ptx.at(xsa, 2 * u)) + np.float32(ptx.at(xsa, 2 * u + 1)))  # (int32 + int32
+        sb = xb * (np.float32(ptx.at(xsb, 2 * u)) + np.float32(ptx.at(xsb, 2 * u + 1)))  #  is an int64)
+        tile32(acc, 0, warp, g, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
+        if NTL == 2:     # (written out: acc's indices stay constants, acc in registers)
+            tile32(acc, 4, warp, g + 16, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
+
+    @cuda_jit(device=True, inline=True)
+    def k16(acc, u, kk, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM):
+        """The same for k16 slice kk (Q6_K: a scale per 16), of unit u."""
+        h = 2 * u + (kk & 1)
+        b0 = ptx.at(xg, 4 * h + q)
+        xa, xb = ptx.at(xda, u), ptx.at(xdb, u)
+        sa, sb = xa * np.float32(ptx.at(xsa, h)), xb * np.float32(ptx.at(xsb, h))
+        tile16(acc, 0, warp, g, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
+        if NTL == 2:
+            tile16(acc, 4, warp, g + 16, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
+
+    @cuda_jit(device=True, inline=True)
+    def multiply(acc, s, warp, g, q, xg, xda, xdb, xsa, xsb, last, sA, sD, sM):
+        """Step s: the warp's tiles times the 8 tokens (4 k32 or 8 k16 mma a tile). A whole step
+        is written out (its addresses u's plus constants: in a loop with the clamp below they
+        were three quarters of its instructions); the last step of a 32-value type, or one past K
+        (a K share's), clamps its units to K (units past it weigh 0)."""
+        u = 4 * s
+        if u + 3 <= last:
+            if K32:
+                k32(acc, u, 0, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k32(acc, u + 1, 1, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k32(acc, u + 2, 2, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k32(acc, u + 3, 3, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+            else:
+                k16(acc, u, 0, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u, 1, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 1, 2, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 1, 3, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 2, 4, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 2, 5, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 3, 6, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+                k16(acc, u + 3, 7, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+        elif K32:
             for kk in range(4):
-                u = min(4 * s + kk, n_units - 1)
-                b0, b1 = xq[tg, 8 * u + q], xq[tg, 8 * u + 4 + q]
-                xa, xb = xd[ta, u], xd[tb, u]
-                sa = xa * np.float32(xs[ta, 2 * u] + xs[ta, 2 * u + 1])
-                sb = xb * np.float32(xs[tb, 2 * u] + xs[tb, 2 * u + 1])
-                tile32(acc, 0, warp, g, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
-                if NTL == 2:     # (written out: acc's indices stay constants, acc in registers)
-                    tile32(acc, 4, warp, g + 16, q, kk, b0, b1, xa, xb, sa, sb, sA, sD, sM)
-        else:        # Q6_K: a scale per 16
+                k32(acc, min(u + kk, last), kk, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
+        else:
             for kk in range(8):
-                u = min(4 * s + (kk >> 1), n_units - 1)
-                h = 2 * u + (kk & 1)
-                b0 = xq[tg, 4 * h + q]
-                xa, xb = xd[ta, u], xd[tb, u]
-                sa, sb = xa * np.float32(xs[ta, h]), xb * np.float32(xs[tb, h])
-                tile16(acc, 0, warp, g, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
-                if NTL == 2:
-                    tile16(acc, 4, warp, g + 16, q, kk, b0, xa, xb, sa, sb, sA, sD, sM)
+                k16(acc, min(u + (kk >> 1), last), kk, warp, g, q, xg, xda, xdb, xsa, xsb, sA, sD, sM)
 
     @overlapped
     @cuda_jit
@@ -391,6 +419,7 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
         tg = min(t0 + g, T - 1)          # the token of this lane's B fragment
         ta = min(t0 + 2 * q, T - 1)      # and of its results (past T: token T - 1 again, not stored)
         tb = min(t0 + 2 * q + 1, T - 1)
+        xg, xda, xdb, xsa, xsb = xq[tg], xd[ta], xd[tb], xs[ta], xs[tb]
         rl = lane >> 2                   # this lane's units: rows rl, rl + 8, unit uu of a step
         uu = lane & 3
         sA = cuda.shared.array((NW, NRT, SW), np.uint32)
@@ -411,7 +440,7 @@ def _make_few_kernel(unit, K32, KS, TR, GATED=False):
             put(qa, fa, ea, warp, rl, sA, sD, sM)
             ptx.syncwarp()
             fetch(qa, fa, ea, w, o_qh, o_sc, s_qs, s_qh, s_sc, r0, rows, half, n_units, s + KS, rl, uu)
-            multiply(acc, s, warp, g, q, tg, ta, tb, n_units, sA, sD, sM, xq, xd, xs)
+            multiply(acc, s, warp, g, q, xg, xda, xdb, xsa, xsb, n_units - 1, sA, sD, sM)
             ptx.syncwarp()
         if KS > 1:                       # the K shares of a row tile, added in shared memory
             part = cuda.shared.array((NW, 4, 32), np.float32)
