@@ -6,12 +6,19 @@ takes expressions), and registers and spills say whether a change will hold its 
 Needs numba-cuda with its CUDA bindings and NVRTC (found from site-packages or a folder given
 with --site), and ptxas on PATH (a CUDA toolkit); see docs/development.md. Usage:
 
-    python scripts/ptxas_kernels.py [--cc 9.0] [--site DIR]
+    python scripts/ptxas_kernels.py [--cc 9.0] [--site DIR] [--sass]
+
+--sass also disassembles each cubin (nvdisasm: a CUDA toolkit's, or the `nvidia-cuda-nvdisasm`
+wheel's in --site) and lists its loops: warp instructions between a loop's head and its back
+branch, and the mma among them. A loop with a branch inside counts both sides (read the
+listing written beside it, `--sass-dir`, for one path's count).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -30,6 +37,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", default="9.0", help="compute capability to compile for")
     ap.add_argument("--site", help="a folder numba-cuda and its bindings were installed into (pip --target)")
+    ap.add_argument("--sass", action="store_true", help="list each kernel's loops from its SASS (nvdisasm)")
+    ap.add_argument("--sass-dir", help="write each kernel's SASS listing into this folder")
     a = ap.parse_args()
     try:
         cc = tuple(int(x) for x in a.cc.split("."))
@@ -38,6 +47,12 @@ def main():
         sys.exit(f"--cc: a compute capability like 9.0, got {a.cc!r}")
     if shutil.which("ptxas") is None:
         sys.exit("ptxas is not on PATH (a CUDA toolkit's bin folder)")
+    nvdisasm = None
+    if a.sass or a.sass_dir:
+        nvdisasm = shutil.which("nvdisasm") or next(
+            (p for p in [os.path.join(a.site or "", "nvidia", "cu13", "bin", "nvdisasm")] if os.access(p, os.X_OK)), None)
+        if nvdisasm is None:
+            sys.exit("--sass: no nvdisasm on PATH or in --site (pip install --target DIR nvidia-cuda-nvdisasm)")
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
     if a.site:
         site.addsitedir(a.site)
@@ -71,6 +86,33 @@ def main():
             print(f"few {name:5s} (KS, TR, gated) = {plan}: " + " | ".join(info), flush=True)
             if r.returncode:
                 sys.exit(f"ptxas failed on few {name} {plan}")
+            if nvdisasm:
+                sass = subprocess.run([nvdisasm, "-c", os.path.join(tmp, "k.cubin")], capture_output=True,
+                                      text=True, check=True).stdout
+                if a.sass_dir:
+                    os.makedirs(a.sass_dir, exist_ok=True)
+                    with open(os.path.join(a.sass_dir, f"few_{name}_{'_'.join(map(str, plan))}.sass"), "w") as f:
+                        f.write(sass)
+                for head, n, ops in loops(sass):
+                    print(f"    loop {head}: {n} instructions, {ops['IMMA']} mma, {ops['LDS']} LDS, "
+                          f"{ops['LDG'] + ops['LD']} global loads")
+
+
+def loops(sass: str):
+    """(label, instructions, opcode counts) of each backward branch's span in an nvdisasm listing."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    for i, (op, rest) in enumerate(ins):
+        m = re.search(r"`\((\.L_x_\d+)\)", rest)
+        if op == "BRA" and m and labels.get(m.group(1), i) < i:    # (not the final branch to itself)
+            span = ins[labels[m.group(1)]:i + 1]
+            yield m.group(1), len(span), collections.Counter(o for o, _ in span)
 
 
 if __name__ == "__main__":
