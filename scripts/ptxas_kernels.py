@@ -49,8 +49,8 @@ def main():
         sys.exit("ptxas is not on PATH (a CUDA toolkit's bin folder)")
     nvdisasm = None
     if a.sass or a.sass_dir:
-        nvdisasm = shutil.which("nvdisasm") or next(
-            (p for p in [os.path.join(a.site or "", "nvidia", "cu13", "bin", "nvdisasm")] if os.access(p, os.X_OK)), None)
+        wheel = os.path.join(a.site or "", "nvidia", "cu13", "bin", "nvdisasm")   # (the wheel's place)
+        nvdisasm = shutil.which("nvdisasm") or (wheel if os.access(wheel, os.X_OK) else None)
         if nvdisasm is None:
             sys.exit("--sass: no nvdisasm on PATH or in --site (pip install --target DIR nvidia-cuda-nvdisasm)")
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
