@@ -149,14 +149,73 @@ def test_eval_batch_matches_each_sequence_alone(rng, monkeypatch, arch, few):
 
 
 @pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
-def test_server_greedy_streams_on_the_gpu_match_alone():
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_eval_batch_queued_ahead_changes_no_id(rng, monkeypatch, arch):
+    """A step of greedy decoding only queues the step after it (CudaRunner._queue_next): a
+    scheduler's run of calls (steps asked for as queued, sequences ending, one fed another
+    token, prompt chunks joining, the end of the context) gives each call the ids it gives with
+    nothing queued, and the queued steps were the ones asked for where they could be."""
+    from test_cuda_model import tiny_config, tiny_weights
+
+    from numba_apr.model import cuda as mc
+    c = tiny_config(arch)
+    w = tiny_weights(rng, c)
+    n_ctx, n_seq = 16, 3
+    runners = [mc.CudaRunner(c, w, n_ctx, 8, n_seq) for _ in range(2)]
+    runners[0].batch_ahead, runners[1].batch_ahead = False, True
+    hits = []
+    asked = mc._Queued.asked
+    monkeypatch.setattr(mc._Queued, "asked", lambda q, *a: hits.append(asked(q, *a)) or hits[-1])
+    prompts = [rng.integers(0, c.n_vocab, 5).astype(np.int32) for _ in range(n_seq)]
+    n_past, last = [0] * n_seq, [0] * n_seq
+
+    def step(entries):   # (sequence, prompt tokens to read, or 0: decode its last id)
+        tokens, slots, positions, rows = [], [], [], []
+        for q, n in entries:
+            chunk = list(prompts[q][n_past[q]:n_past[q] + n]) if n else [last[q]]
+            tokens += chunk
+            slots += [q] * len(chunk)
+            positions += range(n_past[q], n_past[q] + len(chunk))
+            rows.append(len(tokens) - 1)
+            n_past[q] += len(chunk)
+        got = [np.full(len(rows), -1, np.int32) for _ in runners]
+        for r, ids in zip(runners, got):
+            r.eval_batch(np.array(tokens, np.int32), np.array(slots), np.array(positions), np.array(rows),
+                         np.ones(len(rows), bool), ids)
+        assert np.array_equal(got[0], got[1]), f"{entries}: {got[0]} alone, {got[1]} queued (seed {SEED})"
+        for (q, _), t in zip(entries, got[1]):
+            last[q] = int(t)
+
+    step([(0, 5), (1, 3), (2, 5)])
+    step([(0, 0), (2, 0)])                  # decoding: queues the next
+    step([(0, 0), (2, 0)])                  # asked for as queued
+    step([(0, 0), (2, 0)])
+    step([(0, 0)])                          # sequence 2 ended: one sequence now (slot graph)
+    step([(0, 0)])
+    last[0] = (last[0] + 1) % c.n_vocab     # fed another token than its id (a sampled one)
+    step([(0, 0)])
+    step([(0, 0), (1, 2)])                  # a prompt chunk joins
+    step([(0, 0), (1, 0), (2, 0)])          # three, padded to 4
+    to_end = n_ctx - n_past[0]
+    for _ in range(to_end):                 # on to the end of sequence 0's context
+        step([(0, 0), (1, 0), (2, 0)])
+    assert hits == [True, True, False, True, False, False] + [True] * to_end, hits
+    assert runners[1]._bnext is None        # (nothing queued past the context)
+
+
+@pytest.mark.skipif(config.ENABLE_CUDASIM, reason="whole-model CUDA test: too slow under the simulator")
+@pytest.mark.parametrize("ahead", [False, True])
+def test_server_greedy_streams_on_the_gpu_match_alone(monkeypatch, ahead):
     """The scheduler on the GPU (tiny real model): four greedy requests at once, decoding in
-    steps of 4 (and 3, 2, 1 as they end), each give the tokens they give alone."""
+    steps of 4 (and 3, 2, 1 as they end), each give the tokens they give alone; `ahead`: each
+    step of greedy decoding queues the one after it (CudaRunner._queue_next)."""
     import threading
 
     from conftest import SHARED
 
     from numba_apr import load
+    from numba_apr.model import cuda as mc
+    monkeypatch.setattr(mc, "BATCH_AHEAD", ahead)
     from numba_apr.sampling import SamplingParams
     from numba_apr.server.scheduler import Request, Scheduler
     model = load(SHARED / "models" / "tiny-qwen2-q4km.gguf", device="cuda", n_ctx=256, n_seq=4)

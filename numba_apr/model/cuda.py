@@ -16,6 +16,7 @@ runs eagerly.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ from ..sampling import _argmax
 # +1.5% tok/s, docs/experiments.md#steps-a-graph). A caller that stops (end of text) has had up to
 # DECODE_STEPS - 1 steps computed for nothing: ~4 ms on a 0.5B, ~25 ms on a 7B.
 DECODE_STEPS = 8
+
+# Whether a batched step of greedy decoding only queues the step after it (CudaRunner._queue_next).
+# Off until measured on a GPU (docs/experiments.md#a-batched-step-queued-ahead); NUMBA_APR_BATCH_AHEAD=1
+# turns it on.
+BATCH_AHEAD = os.environ.get("NUMBA_APR_BATCH_AHEAD", "0") == "1"
 
 
 @dataclass
@@ -311,6 +317,37 @@ def _advance(pos, tokens, ring, j):
     pos[0] += 1
 
 
+@cuda_jit
+def _advance_batch(binp, bids, B):
+    """Before a batched decode step queued ahead: each of the B sequences' token := the id the
+    step before sampled, its position on by one (binp: [token | position | cache row] a column)."""
+    i = cuda.grid(1)
+    if i < B:
+        binp[0, i] = bids[i]
+        binp[1, i] += 1
+
+
+@dataclass
+class _Queued:
+    """A batched decode step queued before it was asked for (CudaRunner._queue_next): the
+    sequences of KV slots `slots` at `positions`, each fed `tokens` (the ids of the step before,
+    once read), padded to B; its ids go to pinned buffer `buf`."""
+    slots: np.ndarray
+    positions: np.ndarray
+    B: int
+    buf: int
+    tokens: np.ndarray | None = None
+
+    def asked(self, tokens, slots, positions, rows, argmax) -> bool:
+        """Whether a call to eval_batch asks for this step: the same sequences, decoding, every
+        row greedy, each fed the id the step before gave it."""
+        n = len(self.slots)
+        return (self.tokens is not None and argmax is not None and len(tokens) == len(rows) == n
+                and bool(np.all(argmax)) and np.array_equal(rows, np.arange(n))
+                and np.array_equal(tokens, self.tokens) and np.array_equal(slots, self.slots)
+                and np.array_equal(positions, self.positions))
+
+
 @dataclass
 class _Chunk:
     """Decode steps replayed from one graph: positions p0 .. p0 + n - 1, fed `token` at p0 (None
@@ -362,7 +399,12 @@ class CudaRunner:
         host = cuda.pinned_array if not ptx.SIM else np.zeros
         self._binp = host((3, n_seq), np.int32)
         self._brows = host((n_seq, c.n_vocab), np.float32)   # the logits eval_batch returns
-        self._bids = host(n_seq, np.int32)                     # ... and the argmaxes
+        # ... and the argmaxes: two buffers, each with the event after its copy, for a step and
+        # the step queued after it (see _queue_next); that step, while queued and not read.
+        self._bids = [host(n_seq, np.int32) for _ in range(2)]
+        self._bevents = [cuda.event(timing=False) for _ in range(2)] if not ptx.SIM else None
+        self._bnext = None
+        self.batch_ahead = BATCH_AHEAD
 
     # -- eager evaluation (prompts, and logits for callers that want them on the host) --------
     def _set_inputs(self, ids: np.ndarray, pos0: int):
@@ -371,6 +413,7 @@ class CudaRunner:
         self.s.tokens[:len(ids)].copy_to_device(np.ascontiguousarray(ids, np.int32), stream=self.stream)
         self.s.pos.copy_to_device(np.array([pos0], np.int32), stream=self.stream)
         self._ahead = self._queued = self._done = None   # (the cache they stood on is rewritten)
+        self._bnext = None
 
     def eval(self, ids: np.ndarray, pos0: int, want_all: bool = False):
         """Evaluate ids (<= n_batch) at pos0..; logits stay on the device (s.logits / s.all_logits)."""
@@ -515,11 +558,19 @@ class CudaRunner:
         The runs of one token (decoding) go together through one decode step, replayed from the
         graph of the next batch size up (padding entries write the spare slot), or with one
         sequence from that slot's graph of the fused single-sequence step; a longer run (a
-        prompt chunk) is evaluated eagerly as one sequence on its slot's cache rows."""
-        s, c, stream = self.s, self.c, self.stream
+        prompt chunk) is evaluated eagerly as one sequence on its slot's cache rows. A step of
+        greedy decoding rows only has the step after it queued before its ids are read (see
+        _queue_next): where the next call asks for that step, it is running already."""
+        s, stream = self.s, self.stream
         T, R = len(tokens), len(rows)
         if not 0 < R <= s.n_seq:
             raise NumbaAprError(f"eval_batch: {R} rows asked of a runner of {s.n_seq} sequences")
+        nxt, self._bnext = self._bnext, None
+        if nxt is not None and nxt.asked(tokens, slots, positions, rows, argmax):
+            self._queue_next(slots, positions, nxt.B, 1 - nxt.buf)
+            return self._read_ids(nxt.buf, R, ids)
+        # (a step queued and not asked for is left to run: what it wrote, the cache row one past
+        # each of its sequences, is rewritten before anything reads it, or never read)
         edge = np.flatnonzero((slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)) + 1
         starts, ends = np.concatenate(([0], edge)), np.concatenate((edge, [T]))
         single = ends - starts == 1
@@ -541,24 +592,17 @@ class CudaRunner:
             h[:, nd:B] = 0
             h[2, nd:B] = s.n_seq * s.n_ctx      # the spare slot
             s.binp.copy_to_device(h, stream=stream)
-            short = int(positions[ones].max()) + 1 <= SHORT_CTX
-            if nd == 1:
-                slot = int(slots[ones[0]])
-                inp = s.slot_inputs(slot, batch=True)
-
-                def run(st):
-                    forward(c, self.w, s, 1, st, short=short, inp=inp)
-                    rows_argmax(s.logits, s.bids, 1, st)
-                self._graph(("slot", slot, short), run)
-            else:
-                def run(st):
-                    forward(c, self.w, s, B, st, short=short, inp=s.batch_inputs)
-                    rows_argmax(s.blogits, s.bids, B, st)
-                self._graph(("batch", B, short), run)
+            self._decode_step(B, int(slots[ones[0]]), int(positions[ones].max()) + 1 <= SHORT_CTX)
             pairs = [(i, where[int(one)]) for i, one in enumerate(ones) if int(one) in where]
             full = [(i, k) for i, k in pairs if argmax is None or not argmax[k]]   # rows that sample
+            if not full and nd == T == R and np.array_equal(rows, np.arange(R)):   # greedy decoding only
+                s.bids.copy_to_host(self._bids[0], stream=stream)
+                if self._bevents:
+                    self._bevents[0].record(stream)
+                self._queue_next(slots, positions, B, 1)
+                return self._read_ids(0, R, ids)
             if len(full) < len(pairs):
-                s.bids.copy_to_host(self._bids, stream=stream)
+                s.bids.copy_to_host(self._bids[0], stream=stream)
             if nd > 1 and full == [(i, i) for i in range(nd)]:   # the scheduler's order: one copy
                 s.blogits_first[nd].copy_to_host(out[:nd], stream=stream)
             else:
@@ -567,7 +611,7 @@ class CudaRunner:
         prompt_rows = []
         for a, b in zip(starts[~single], ends[~single]):
             self._set_inputs(tokens[a:b], int(positions[a]))
-            forward(c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
+            forward(self.c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
             k = where.get(int(b) - 1)
             if k is not None:
                 s.logits.copy_to_host(out[k:k + 1], stream=stream)
@@ -576,12 +620,55 @@ class CudaRunner:
         if argmax is not None:
             for i, k in pairs:
                 if argmax[k]:
-                    ids[k] = self._bids[i]
+                    ids[k] = self._bids[0][i]
             for k in prompt_rows:
                 if argmax[k]:
                     ids[k] = _argmax(out[k])
         self._ahead = self._queued = self._done = None   # (single-sequence decoding starts afresh)
         return out
+
+    def _decode_step(self, B: int, slot: int, short: bool, advance: bool = False) -> None:
+        """Replay the decode step of the B sequences in s.binp (one: of KV slot `slot`, from that
+        slot's graph of the fused step) from its graph, ending with each row's argmax in s.bids;
+        `advance`: first feed each sequence the id the step before gave it, one position on."""
+        s, c = self.s, self.c
+        inp = s.slot_inputs(slot, batch=True) if B == 1 else s.batch_inputs
+
+        def run(st):
+            if advance:
+                _advance_batch[(B + 63) // 64, 64, st](s.binp, s.bids, B)
+            forward(c, self.w, s, B, st, short=short, inp=inp)
+            rows_argmax(s.logits if B == 1 else s.blogits, s.bids, B, st)
+        self._graph(("slot", slot, short, advance) if B == 1 else ("batch", B, short, advance), run)
+
+    def _queue_next(self, slots, positions, B: int, buf: int) -> None:
+        """After a step of greedy decoding only (its ids on their way to pinned buffer 1 - buf),
+        queue the step after it, where each sequence is fed the id this one gives it: its ids
+        go to buffer `buf`. Batched, a step's host part (the scheduler's Python between two
+        calls, the ids' copy and wait, the next launch: ~0.2-0.4 ms on the GPU's host) leaves
+        the GPU idle; queued ahead, it overlaps the step after. Where the next call asks for
+        something else (a sequence ended, one joined, one samples), this step ran for nothing."""
+        if not self.batch_ahead or int(positions.max()) + 2 > self.s.n_ctx:
+            return
+        positions = positions + 1
+        self._decode_step(B, int(slots[0]), int(positions.max()) + 1 <= SHORT_CTX, advance=True)
+        self.s.bids.copy_to_host(self._bids[buf], stream=self.stream)
+        if self._bevents:
+            self._bevents[buf].record(self.stream)
+        self._bnext = _Queued(slots.copy(), positions, B, buf)
+
+    def _read_ids(self, buf: int, R: int, ids: np.ndarray) -> np.ndarray:
+        """Wait for the ids of a step of greedy decoding only (in pinned buffer `buf`): into
+        ids[:R], and, where a step after it is queued, as that step's expected tokens."""
+        if self._bevents:
+            self._bevents[buf].synchronize()
+        else:
+            self.stream.synchronize()
+        ids[:R] = self._bids[buf][:R]
+        if self._bnext is not None:
+            self._bnext.tokens = ids[:R].copy()
+        self._ahead = self._queued = self._done = None   # (single-sequence decoding starts afresh)
+        return self._brows[:R]
 
 
 class CudaStepper:
