@@ -215,9 +215,9 @@ def test_server_greedy_streams_on_the_gpu_match_alone(monkeypatch, ahead):
 
     from numba_apr import load
     from numba_apr.model import cuda as mc
-    monkeypatch.setattr(mc, "BATCH_AHEAD", ahead)
     from numba_apr.sampling import SamplingParams
     from numba_apr.server.scheduler import Request, Scheduler
+    monkeypatch.setattr(mc, "BATCH_AHEAD", ahead)
     model = load(SHARED / "models" / "tiny-qwen2-q4km.gguf", device="cuda", n_ctx=256, n_seq=4)
     sched = Scheduler(model)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]

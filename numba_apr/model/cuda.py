@@ -16,7 +16,6 @@ runs eagerly.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ..errors import NumbaAprError
 from ..kernels.cuda import ptx
 from ..kernels.cuda.attention import SHORT_CTX, attention, attention_workspace
 from ..kernels.cuda.launch import view_once
+from ..kernels.cuda.qmatmul_decode import _env_int
 from ..kernels.cuda.ops import (MODE_GELU, MODE_NORM, MODE_SILU, ActBuffers, embed, quantize_act,
                                rmsnorm_add, rope_kv, rope_table, rows_argmax)
 from ..kernels.cuda.qmatmul import (FLOAT_TYPES, QIN_MAX_K, QIN_QKV_MAX_K, SUPPORTED, DeviceMatrix, concat,
@@ -45,7 +45,7 @@ DECODE_STEPS = 8
 # Whether a batched step of greedy decoding only queues the step after it (CudaRunner._queue_next).
 # Off until measured on a GPU (docs/experiments.md#a-batched-step-queued-ahead); NUMBA_APR_BATCH_AHEAD=1
 # turns it on.
-BATCH_AHEAD = os.environ.get("NUMBA_APR_BATCH_AHEAD", "0") == "1"
+BATCH_AHEAD = bool(_env_int("NUMBA_APR_BATCH_AHEAD", 0))
 
 
 @dataclass
@@ -561,7 +561,7 @@ class CudaRunner:
         prompt chunk) is evaluated eagerly as one sequence on its slot's cache rows. A step of
         greedy decoding rows only has the step after it queued before its ids are read (see
         _queue_next): where the next call asks for that step, it is running already."""
-        s, stream = self.s, self.stream
+        s, c, stream = self.s, self.c, self.stream
         T, R = len(tokens), len(rows)
         if not 0 < R <= s.n_seq:
             raise NumbaAprError(f"eval_batch: {R} rows asked of a runner of {s.n_seq} sequences")
@@ -611,7 +611,7 @@ class CudaRunner:
         prompt_rows = []
         for a, b in zip(starts[~single], ends[~single]):
             self._set_inputs(tokens[a:b], int(positions[a]))
-            forward(self.c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
+            forward(c, self.w, s, int(b - a), stream, inp=s.slot_inputs(int(slots[a])))
             k = where.get(int(b) - 1)
             if k is not None:
                 s.logits.copy_to_host(out[k:k + 1], stream=stream)
@@ -645,8 +645,8 @@ class CudaRunner:
         """After a step of greedy decoding only (its ids on their way to pinned buffer 1 - buf),
         queue the step after it, where each sequence is fed the id this one gives it: its ids
         go to buffer `buf`. Batched, a step's host part (the scheduler's Python between two
-        calls, the ids' copy and wait, the next launch: ~0.2-0.4 ms on the GPU's host) leaves
-        the GPU idle; queued ahead, it overlaps the step after. Where the next call asks for
+        calls, the ids' copy and wait, the next launch: docs/experiments.md#a-batched-step-queued-ahead)
+        leaves the GPU idle; queued ahead, it overlaps the step after. Where the next call asks for
         something else (a sequence ended, one joined, one samples), this step ran for nothing."""
         if not self.batch_ahead or int(positions.max()) + 2 > self.s.n_ctx:
             return
